@@ -1,0 +1,72 @@
+"""Decode samples named by a manifest (shard + offset) into arrays for training.
+
+Images come back as uint8 [N, C, H, W]; grey images have C=1. Where sizes differ, an
+`image_size` must be given and every image is resized (bilinear) to a square of it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CurateError, ShardError
+from .shards import decode_image, iter_shard
+
+
+def to_chw(img: np.ndarray, size: int | None, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8 -> (channels, size, size) uint8."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if size is not None and img.shape[:2] != (size, size):
+        from PIL import Image
+
+        pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        img = np.asarray(pil.resize((size, size), Image.BILINEAR))
+        if img.ndim == 2:
+            img = img[:, :, None]
+    if img.shape[2] != channels:
+        img = np.repeat(img[:, :, :1], channels, axis=2) if channels == 3 else img.mean(2, keepdims=True).astype(np.uint8)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def find_image(members: dict[str, bytes], exts: Sequence[str]) -> tuple[str, bytes] | None:
+    for ext in exts:
+        if ext in members:
+            return ext, members[ext]
+    return None
+
+
+def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Sequence[str],
+                image_size: int | None = None) -> np.ndarray:
+    """Images at (shard, offset) pairs, in the given order, as uint8 [N, C, H, W]."""
+    wanted: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (s, o) in enumerate(zip(shards, offsets)):
+        wanted[s][int(o)].append(i)
+    decoded: list[np.ndarray | None] = [None] * len(shards)
+    for shard, by_offset in wanted.items():
+        remaining = len(by_offset)
+        for sample in iter_shard(shard):
+            rows = by_offset.get(sample.offset)
+            if rows is None:
+                continue
+            where = f"shard {shard}: sample {sample.key!r}"
+            found = find_image(sample.members, image_exts)
+            if found is None:
+                raise ShardError(f"{where}: no image member ({'/'.join(image_exts)})")
+            img = decode_image(found[1], found[0], where=where)
+            for r in rows:
+                decoded[r] = img
+            remaining -= 1
+            if remaining == 0:
+                break
+        if remaining:
+            raise ShardError(f"shard {shard}: {remaining} sample(s) named by the manifest are not in it")
+    if not decoded:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    shapes = {d.shape[:2] for d in decoded}
+    channels = max(1 if d.ndim == 2 else d.shape[2] for d in decoded)
+    if image_size is None and len(shapes) > 1:
+        raise CurateError(f"images have {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): set image_size in the config")
+    return np.stack([to_chw(d, image_size, channels) for d in decoded])

@@ -1,0 +1,106 @@
+"""The `curate` command line: ingest, run, stage, status, report.
+
+Every user-fixable problem ends in one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import CurateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline dataset curation: index, embed, select, materialize, verify.")
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagefolder"),
+           out: Path = typer.Option(..., "--out", help="folder for the shards"),
+           name: str = typer.Option(..., "--name", help="catalog entry to add or replace"),
+           src: Optional[str] = typer.Option(None, "--src", help="source folder (idx, cifar, imagefolder)"),
+           catalog: Optional[str] = typer.Option(None, "--catalog"),
+           shard_size: int = typer.Option(10000, "--shard-size", min=1)):
+    """Write train/test WebDataset shards and sizes.json, and add the catalog entry NAME."""
+    from .ingest import ingest as do_ingest
+
+    try:
+        entry = do_ingest(source, out, name, src, catalog, shard_size)
+    except CurateError as exc:
+        _fail(exc)
+    typer.echo(f"catalog entry '{name}': " + json.dumps(entry.splits))
+
+
+@app.command()
+def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (default: the digits demo)"),
+        set_: List[str] = typer.Option([], "--set", help="override, e.g. select.0.budget=0.2"),
+        catalog: Optional[str] = typer.Option(None, "--catalog")):
+    """Run the whole flow through Prefect."""
+    from flows.curate import run_flow
+
+    try:
+        report = run_flow(str(config) if config else None, list(set_), catalog)
+    except CurateError as exc:
+        _fail(exc)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="index | embed | select | materialize | verify"),
+          run_dir: Path = typer.Option(..., "--run", help="run directory"),
+          config: Optional[Path] = typer.Option(None, "--config"),
+          set_: List[str] = typer.Option([], "--set"),
+          catalog: Optional[str] = typer.Option(None, "--catalog"),
+          force: bool = typer.Option(False, "--force", help="recompute even if fresh")):
+    """Run one stage (every unit of it) without a Prefect server."""
+    from .runner import Runner
+
+    try:
+        runner = Runner.from_run_dir(run_dir, str(config) if config else None, set_, catalog)
+        units = runner.units(name)
+        runner.write_run_json()
+        for unit in units:
+            res = runner.run(unit, force=force)
+            typer.echo(f"{res['unit']}: {res['status']} ({res['wall_seconds']:.1f} s) {res['fingerprint'][:12]}")
+    except CurateError as exc:
+        _fail(exc)
+
+
+@app.command()
+def status(run_dir: Path = typer.Option(..., "--run"), catalog: Optional[str] = typer.Option(None, "--catalog")):
+    """Each stage unit: done / stale / missing, fingerprint, wall time."""
+    from .runner import Runner
+
+    try:
+        rows = Runner.from_run_dir(run_dir, catalog=catalog).status()
+    except CurateError as exc:
+        _fail(exc)
+    for r in rows:
+        wall = f"{r['wall_seconds']:.1f} s" if r["wall_seconds"] is not None else "-"
+        typer.echo(f"{r['unit']:<32} {r['state']:<8} {r['fingerprint']}  {wall:>9}  {r['ended'] or ''}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Option(..., "--run")):
+    """Rewrite verify/report.md from report.json and print it."""
+    from stages.verify import render_markdown
+
+    path = run_dir / "verify" / "report.json"
+    if not path.exists():
+        _fail(CurateError(f"run {run_dir}: no verify/report.json (run `curate stage verify --run {run_dir}`)"))
+    md = render_markdown(json.loads(path.read_text()))
+    (run_dir / "verify" / "report.md").write_text(md)
+    typer.echo(md)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,195 @@
+"""Run configuration: one YAML per run, validated; `--set a.b=v` overrides (v parsed as YAML).
+
+Unknown keys are errors. `select` is one spec or a list; a list of budgets expands into
+one spec per budget, each named `<method>-<budget>` unless it sets `name`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+
+from .errors import CurateError
+
+DEVICE = str  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IndexConfig(Section):
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+class EmbedConfig(Section):
+    method: Literal["proxy"] = "proxy"
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    width: int = Field(32, ge=4)
+    image_size: int | None = Field(None, ge=4)
+    device: DEVICE = "auto"
+
+
+Budget = StrictInt | StrictFloat
+
+
+def check_budget(budget: Budget) -> Budget:
+    """Range checks that need no dataset: 0 < fraction <= 1, count >= 1."""
+    if isinstance(budget, bool):
+        raise ValueError("budget must be a fraction in (0, 1] or a positive count")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget {budget} is out of range: a fraction must be in (0, 1] (an integer is a count)")
+    elif budget < 1:
+        raise ValueError(f"budget {budget} selects nothing: a count must be >= 1")
+    return budget
+
+
+class SelectSpec(Section):
+    method: Literal["random", "stratified"]
+    budget: Budget
+    name: str | None = None
+
+    _check = field_validator("budget")(classmethod(lambda cls, v: check_budget(v)))
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or f"{self.method}-{self.budget}"
+
+    def params(self) -> dict:
+        return self.model_dump(exclude={"name"})
+
+
+class MaterializeConfig(Section):
+    shard_size: int = Field(10000, ge=1)
+
+
+class VerifyConfig(Section):
+    recipe: Literal["small_cnn"] = "small_cnn"
+    epochs: int = Field(10, ge=1)
+    seeds: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    width: int = Field(32, ge=4)
+    image_size: int | None = Field(None, ge=4)
+    random_baseline: bool = True
+    device: DEVICE = "auto"
+
+
+class FlowConfig(Section):
+    task_runner: Literal["default", "dask"] = "default"
+    n_workers: int = Field(2, ge=1)
+
+
+class RunConfig(Section):
+    run: str
+    dataset: str
+    seed: int = 0
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    select: list[SelectSpec] = Field(default_factory=list)
+    materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+
+    @field_validator("select", mode="before")
+    @classmethod
+    def _expand(cls, v):
+        specs = v if isinstance(v, list) else [v]
+        out = []
+        for spec in specs:
+            if isinstance(spec, dict) and isinstance(spec.get("budget"), list):
+                if spec.get("name"):
+                    raise ValueError("a spec with a list of budgets cannot set one 'name'")
+                out += [{**spec, "budget": b} for b in spec["budget"]]
+            else:
+                out.append(spec)
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.sel_name for s in self.select]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"selection names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
+        if bad:
+            raise ValueError(f"selection name {bad[0]!r} may only hold letters, digits and _ . + -")
+        return self
+
+    def selection(self, name: str) -> SelectSpec:
+        for s in self.select:
+            if s.sel_name == name:
+                return s
+        raise CurateError(f"config: no selection named '{name}' (have: {', '.join(s.sel_name for s in self.select)})")
+
+
+DEMO_CONFIG: dict[str, Any] = {
+    "run": "runs/demo",
+    "dataset": "digits",
+    "seed": 0,
+    "embed": {"method": "proxy", "epochs": 5},
+    "select": [{"method": "stratified", "budget": [0.1, 0.3]}],
+    "verify": {"epochs": 15, "seeds": 2},
+}
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (list items by index: `select.0.budget=0.2`) in place."""
+    if "=" not in assignment:
+        raise CurateError(f"--set {assignment!r}: expected key=value")
+    path, _, text = assignment.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise CurateError(f"--set {assignment!r}: value is not valid YAML") from None
+    keys = path.strip().split(".")
+    node: Any = raw
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise CurateError(f"--set {path}: '{k}' is not an index of a {len(node)}-item list")
+            k = int(k)
+            if last:
+                node[k] = value
+            else:
+                node = node[k]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                node = node.setdefault(k, {})
+        else:
+            raise CurateError(f"--set {path}: '{keys[i - 1]}' is not a section")
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Config from a YAML path, a dict, or the embedded demo; then `--set` overrides."""
+    if source is None:
+        raw = yaml.safe_load(yaml.safe_dump(DEMO_CONFIG))
+    elif isinstance(source, dict):
+        raw = yaml.safe_load(yaml.safe_dump(source))
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise CurateError(f"config {p}: no such file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise CurateError(f"config {p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise CurateError(f"config: {loc}: {msg}") from None

@@ -1,0 +1,102 @@
+"""Reading curate's output in a downstream trainer: a Dataset and a weighted sampler.
+
+`ManifestDataset` indexes each compact shard's tar headers once and then reads any
+sample by seeking to its members, so it supports random access and DataLoader
+workers. Pickle members are refused, never decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ShardError
+from .manifest import read_parquet
+from .shards import IMAGE_EXTS, UNSAFE_EXTS, decode_image, split_member_name
+
+
+def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """key -> ext -> (data offset, size) for every file member of a tar."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf.getmembers():
+                if m.isfile():
+                    key, ext = split_member_name(m.name)
+                    out.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"shard {path}: truncated or corrupt tar: {exc}") from None
+    return out
+
+
+class ManifestDataset:
+    """Samples of a manifest.parquet: dict(image=uint8 CHW tensor, label, weight, key, row).
+
+    `shard` paths in the manifest are resolved relative to the manifest's folder.
+    `transform`, if given, is applied to the image tensor.
+    """
+
+    def __init__(self, manifest: str | os.PathLike, transform=None):
+        self.path = Path(manifest)
+        t = read_parquet(self.path)
+        self.keys = t.column("key").to_pylist()
+        self.rows = t.column("row").to_numpy()
+        self.labels = t.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        self.weights = (t.column("weight").to_numpy().astype(np.float32) if "weight" in t.column_names
+                        else np.ones(t.num_rows, np.float32))
+        base = self.path.parent
+        self.shards = [s if os.path.isabs(s) else str(base / s) for s in t.column("shard").to_pylist()]
+        self.transform = transform
+        self._tar_index: dict[str, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _members(self, i: int) -> dict[str, bytes]:
+        shard = self.shards[i]
+        if shard not in self._tar_index:
+            self._tar_index[shard] = index_tar(shard)
+        entry = self._tar_index[shard].get(self.keys[i])
+        if entry is None:
+            raise ShardError(f"shard {shard}: no sample {self.keys[i]!r}")
+        out = {}
+        with open(shard, "rb") as fh:
+            for ext, (off, size) in entry.items():
+                if ext.rsplit(".", 1)[-1] in UNSAFE_EXTS:
+                    raise ShardError(f"shard {shard}: sample {self.keys[i]!r} has pickle member .{ext}; not decoded")
+                fh.seek(off)
+                out[ext] = fh.read(size)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        members = self._members(i)
+        where = f"shard {self.shards[i]}: sample {self.keys[i]!r}"
+        ext = next((e for e in members if e in IMAGE_EXTS), None)
+        if ext is None:
+            raise ShardError(f"{where}: no image member")
+        img = decode_image(members[ext], ext, where=where)
+        img = torch.from_numpy(np.ascontiguousarray(img[:, :, None] if img.ndim == 2 else img)).permute(2, 0, 1)
+        if self.transform is not None:
+            img = self.transform(img)
+        caption = members["txt"].decode("utf-8") if "txt" in members else None
+        return {"image": img, "label": int(self.labels[i]), "weight": float(self.weights[i]),
+                "key": self.keys[i], "row": int(self.rows[i]), "caption": caption}
+
+
+def weighted_sampler(manifest: str | os.PathLike | ManifestDataset, num_samples: int | None = None,
+                     seed: int = 0):
+    """A WeightedRandomSampler drawing samples in proportion to their coreset weight."""
+    import torch
+    from torch.utils.data import WeightedRandomSampler
+
+    ds = manifest if isinstance(manifest, ManifestDataset) else ManifestDataset(manifest)
+    w = torch.as_tensor(ds.weights, dtype=torch.double)
+    if len(w) == 0 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"manifest {ds.path}: weights must be finite, non-negative and not all zero")
+    gen = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(w, num_samples or len(w), replacement=True, generator=gen)

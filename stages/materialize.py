@@ -1,0 +1,85 @@
+"""materialize: compact WebDataset shards of one selection, plus manifest.parquet.
+
+Shards keep each sample's original key and members and add `weight` to its json
+member. In the manifest, `shard` is relative to the manifest's folder
+(`shards/subset-000000.tar`) and `offset` is the position in that compact shard;
+`source_shard` / `source_offset` say where the sample came from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import ShardError
+from pipeline.manifest import COMMON_SCHEMA, read_parquet, write_parquet
+from pipeline.shards import ShardWriter, iter_shard
+from pipeline.stage import Stage, StageContext
+
+
+def with_weight(members: dict[str, bytes], weight: float, where: str) -> dict[str, bytes]:
+    meta = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (ValueError, UnicodeDecodeError):
+            raise ShardError(f"{where}: json member does not parse") from None
+        if not isinstance(meta, dict):
+            meta = {"value": meta}
+    meta["weight"] = float(weight)
+    return {**members, "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+class MaterializeStage(Stage):
+    name = "materialize"
+    version = 1
+    per_selection = True
+    resources = {"cpu": 1}
+
+    def config(self, cfg, sel):
+        return cfg.materialize.model_dump()
+
+    def upstream(self, cfg, sel):
+        return [f"select/{sel.sel_name}"]
+
+    def run(self, ctx: StageContext) -> None:
+        sel_name = ctx.sel.sel_name
+        table = read_parquet(ctx.input_dir(f"select/{sel_name}") / "selection.parquet")
+        table = table.filter(pc.field("selected"))
+        table = table.take(pc.sort_indices(table, [("row", "ascending")]))
+        by_shard: dict[str, dict[int, int]] = defaultdict(dict)
+        for i, (s, o) in enumerate(zip(table.column("shard").to_pylist(), table.column("offset").to_pylist())):
+            by_shard[s][o] = i
+        weights = table.column("weight").to_numpy()
+        new_shard = np.empty(table.num_rows, object)
+        new_offset = np.zeros(table.num_rows, np.int32)
+        members_of: dict[int, dict[str, bytes]] = {}
+        with ShardWriter(ctx.out / "shards", "subset", ctx.config["shard_size"]) as writer:
+            # read shard by shard, write in row order: rows are sorted, shards are in row order
+            for shard, wanted in by_shard.items():
+                for sample in iter_shard(shard):
+                    if sample.offset in wanted:
+                        members_of[wanted[sample.offset]] = sample.members
+                missing = [o for o, i in wanted.items() if i not in members_of]
+                if missing:
+                    raise ShardError(f"shard {shard}: sample at offset {missing[0]} named by the selection is gone")
+                for i in sorted(wanted.values()):
+                    key = table.column("key")[i].as_py()
+                    name, off = writer.write(key, with_weight(members_of.pop(i), weights[i], f"shard {shard}: sample {key!r}"))
+                    new_shard[i], new_offset[i] = f"shards/{name}", off
+        cols = {n: table.column(n) for n in COMMON_SCHEMA.names}
+        cols["shard"] = pa.array(new_shard.tolist(), pa.string())
+        cols["offset"] = pa.array(new_offset, pa.int32())
+        manifest = pa.table(cols, schema=COMMON_SCHEMA)
+        manifest = manifest.append_column("weight", table.column("weight"))
+        manifest = manifest.append_column("rank", table.column("rank"))
+        manifest = manifest.append_column("source_shard", table.column("shard"))
+        manifest = manifest.append_column("source_offset", table.column("offset"))
+        write_parquet(manifest, ctx.out / "manifest.parquet", stage=self.name, stage_version=self.version,
+                      fingerprint=ctx.fingerprint, extra={"selection": sel_name})
+        ctx.metrics.update({"samples": manifest.num_rows, "shards": len(writer.sizes),
+                            "bytes": sum(p.stat().st_size for p in (ctx.out / "shards").glob("*.tar"))})

@@ -1,0 +1,9 @@
+"""The stages a run is made of, by name, in pipeline order."""
+
+from .embed import EmbedStage
+from .index import IndexStage
+from .materialize import MaterializeStage
+from .select import SelectStage
+from .verify import VerifyStage
+
+STAGES = {s.name: s for s in (IndexStage(), EmbedStage(), SelectStage(), MaterializeStage(), VerifyStage())}

@@ -1,0 +1,70 @@
+"""Selection kernels: plain functions of label arrays and seeds, returning row indices.
+
+Each returns the selected rows in selection order (rank 0 first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import CurateError
+
+
+def budget_count(budget: int | float, n: int) -> int:
+    """A fraction in (0, 1] or a count in [1, n] -> number of samples to select."""
+    if isinstance(budget, bool) or n <= 0:
+        raise CurateError(f"budget {budget!r}: nothing to select from ({n} samples)")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise CurateError(f"budget {budget} is out of range: a fraction must be in (0, 1]")
+        return max(1, int(round(budget * n)))
+    if budget < 1:
+        raise CurateError(f"budget {budget} selects nothing: a count must be >= 1")
+    if budget > n:
+        raise CurateError(f"budget {budget} is larger than the dataset ({n} samples)")
+    return int(budget)
+
+
+def random_subset(n: int, k: int, seed: int) -> np.ndarray:
+    """k distinct rows of n, uniformly; smaller budgets with one seed are prefixes of larger ones."""
+    return np.random.default_rng(seed).permutation(n)[:k]
+
+
+def proportional_allocation(counts: np.ndarray, k: int) -> np.ndarray:
+    """Split k over classes in proportion to `counts` (largest remainder, ties by class id).
+
+    Every non-empty class gets at least one sample when k allows it; no class gets more
+    than it has.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total = counts.sum()
+    if k > total:
+        raise CurateError(f"budget {k} is larger than the dataset ({total} samples)")
+    quota = counts * (k / total)
+    alloc = np.floor(quota).astype(np.int64)
+    nonempty = counts > 0
+    if k >= nonempty.sum():
+        alloc[nonempty & (alloc == 0)] = 1
+    order = np.lexsort((np.arange(len(counts)), -(quota - np.floor(quota))))
+    while alloc.sum() > k:  # the at-least-one rule overshot: take from the largest
+        alloc[np.argmax(alloc - quota)] -= 1
+    i = 0
+    while alloc.sum() < k:
+        c = order[i % len(order)]
+        if alloc[c] < counts[c]:
+            alloc[c] += 1
+        i += 1
+    return alloc
+
+
+def stratified_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k rows with class proportions of `labels` kept; random within each class."""
+    labels = np.asarray(labels)
+    if (labels < 0).any():
+        raise CurateError("stratified selection needs a label on every sample")
+    classes, counts = np.unique(labels, return_counts=True)
+    alloc = proportional_allocation(counts, k)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:a] for c, a in zip(classes, alloc)]
+    rows = np.concatenate(chosen)
+    return rows[rng.permutation(len(rows))]
