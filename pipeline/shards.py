@@ -97,7 +97,7 @@ def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
                 fh = tf.extractfile(info)
                 current.members[ext] = fh.read() if fh is not None else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        where = f"after sample {current.key!r}" if current else "at its start"
+        where = f"at sample {current.key!r}" if current else "at its start"
         raise ShardError(f"shard {path}: truncated or corrupt tar ({where}): {exc}") from None
     if current is not None:
         yield current

@@ -8,6 +8,9 @@ naming it; `skip` leaves it out and lists it in `_stage.json`.
 
 from __future__ import annotations
 
+import json
+import os
+
 import pyarrow as pa
 
 from pipeline.arrays import find_image
@@ -48,6 +51,21 @@ def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict
     return label, caption, shape
 
 
+def expected_sizes(shard: str) -> int | None:
+    """The sample count sizes.json beside a shard records for it, if any.
+
+    A tar cut exactly at a member boundary reads as a shorter valid tar; this count is
+    how such truncation is caught.
+    """
+    sizes = os.path.join(os.path.dirname(shard), "sizes.json")
+    if not os.path.isfile(sizes):
+        return None
+    try:
+        return json.loads(open(sizes).read()).get(os.path.basename(shard))
+    except ValueError:
+        raise ShardError(f"{sizes}: not valid JSON") from None
+
+
 class IndexStage(Stage):
     name = "index"
     version = 1
@@ -69,8 +87,10 @@ class IndexStage(Stage):
         shapes: set[tuple] = set()
         n_skipped = 0
         for shard in ctx.catalog.shards(name, "train"):
+            expected, count = expected_sizes(shard), 0
             try:
                 for sample in iter_shard(shard):
+                    count += 1
                     try:
                         label, caption, shape = check_sample(sample, shard, entry.fields, entry.num_classes, seen)
                     except ShardError as exc:
@@ -85,6 +105,8 @@ class IndexStage(Stage):
                     for k, v in (("row", len(cols["row"])), ("uid", f"{name}/{sample.key}"), ("key", sample.key),
                                  ("shard", shard), ("offset", sample.offset), ("label", label), ("caption", caption)):
                         cols[k].append(v)
+                if expected is not None and count != expected:
+                    raise ShardError(f"shard {shard}: truncated or corrupt tar: {count} samples, sizes.json says {expected}")
             except ShardError as exc:
                 if not skip or "truncated or corrupt" not in str(exc):
                     raise

@@ -1,0 +1,116 @@
+"""index on damaged shards: one-line errors naming the sample, or counted skips; never half-written."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import CurateError
+from pipeline.shards import iter_shard
+
+
+def rewrite_shard(path: Path, edit) -> None:
+    """Rewrite a shard with `edit(key, members) -> (key, members)` applied to every sample."""
+    samples = list(iter_shard(path))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for s in samples:
+            key, members = edit(s.key, dict(s.members))
+            for ext, data in sorted(members.items()):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def shard(cat: Path, i: int) -> Path:
+    return cat.parent / "shards" / f"train-{i:06d}.tar"
+
+
+def first_key(cat, i):
+    return next(iter_shard(shard(cat, i))).key
+
+
+def damage_image(cat):
+    key = first_key(cat, 1)
+    rewrite_shard(shard(cat, 1), lambda k, m: (k, {**m, "png": b"garbage"} if k == key else m))
+    return key, "does not decode"
+
+
+def damage_label(cat):
+    key = first_key(cat, 1)
+    rewrite_shard(shard(cat, 1), lambda k, m: (k, {e: v for e, v in m.items() if e != "cls"} if k == key else m))
+    return key, "missing label member .cls"
+
+
+def damage_duplicate(cat):
+    dup = first_key(cat, 0)
+    key = first_key(cat, 1)
+    rewrite_shard(shard(cat, 1), lambda k, m: (dup if k == key else k, m))
+    return dup, "key repeated"
+
+
+def damage_pickle(cat):
+    key = first_key(cat, 1)
+    rewrite_shard(shard(cat, 1), lambda k, m: (k, {**m, "pyd": b"\x80\x04K\x01."} if k == key else m))
+    return key, "never unpickles"
+
+
+def damage_label_range(cat):
+    key = first_key(cat, 1)
+    rewrite_shard(shard(cat, 1), lambda k, m: (k, {**m, "cls": b"12"} if k == key else m))
+    return key, r"label 12 outside \[0, 10\)"
+
+
+@pytest.mark.parametrize("damage", [damage_image, damage_label, damage_duplicate, damage_pickle, damage_label_range])
+def test_bad_sample_raises_one_line_or_is_counted(damage, catalog_copy, make_runner, tmp_path):
+    key, message = damage(catalog_copy)
+    runner = make_runner(tmp_path / "raise", catalog=catalog_copy)
+    with pytest.raises(CurateError, match=message) as err:
+        runner.run("index")
+    assert key in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "raise" / "index").exists()
+    assert not list((tmp_path / "raise").glob(".tmp-*"))
+
+    skipper = make_runner(tmp_path / "skip", catalog=catalog_copy, index={"on_error": "skip"})
+    skipper.run("index")
+    rec = json.loads((tmp_path / "skip" / "index" / "_stage.json").read_text())
+    table = pq.read_table(tmp_path / "skip" / "index" / "index.parquet")
+    assert rec["metrics"]["skipped"] == 1
+    assert rec["metrics"]["skipped_samples"][0]["key"] == key
+    assert table.num_rows == 1437  # 1,438 digits training samples less the bad one
+    assert table.column("row").to_pylist() == list(range(1437))
+
+
+def test_truncated_shard(catalog_copy, make_runner, tmp_path):
+    p = shard(catalog_copy, 1)
+    with tarfile.open(p) as tf:
+        m = tf.getmembers()[41]
+    p.write_bytes(p.read_bytes()[: m.offset_data + 10])
+    with pytest.raises(CurateError, match="train-000001.tar: truncated or corrupt tar"):
+        make_runner(tmp_path / "raise", catalog=catalog_copy).run("index")
+    assert not (tmp_path / "raise" / "index").exists()
+    skipper = make_runner(tmp_path / "skip", catalog=catalog_copy, index={"on_error": "skip"})
+    skipper.run("index")
+    rec = json.loads((tmp_path / "skip" / "index" / "_stage.json").read_text())
+    assert rec["metrics"]["skipped"] == 1 and rec["metrics"]["skipped_samples"][0]["key"] is None
+    # shard 1's samples before the cut are kept: 20 complete samples (2 members each) precede member 41
+    assert rec["metrics"]["samples"] == 1438 - 500 + 20
+
+
+def test_truncation_at_member_boundary_caught_by_sizes_json(catalog_copy, make_runner, tmp_path):
+    p = shard(catalog_copy, 0)
+    with tarfile.open(p) as tf:
+        m = tf.getmembers()[100]
+    p.write_bytes(p.read_bytes()[: m.offset])  # a valid-looking shorter tar
+    with pytest.raises(CurateError, match="50 samples, sizes.json says 500"):
+        make_runner(tmp_path / "r", catalog=catalog_copy).run("index")
+
+
+def test_catalog_entry_pointing_nowhere(catalog_copy, make_runner, tmp_path):
+    shard(catalog_copy, 2).unlink()
+    with pytest.raises(CurateError, match="dataset 'digits' split 'train' points nowhere: 1 of 3 shard"):
+        make_runner(tmp_path / "r", catalog=catalog_copy).run("index")
