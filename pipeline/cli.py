@@ -104,3 +104,7 @@ def report(run_dir: Path = typer.Option(..., "--run")):
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m pipeline.cli
+    main()

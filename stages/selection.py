@@ -42,18 +42,14 @@ def proportional_allocation(counts: np.ndarray, k: int) -> np.ndarray:
         raise CurateError(f"budget {k} is larger than the dataset ({total} samples)")
     quota = counts * (k / total)
     alloc = np.floor(quota).astype(np.int64)
-    nonempty = counts > 0
-    if k >= nonempty.sum():
-        alloc[nonempty & (alloc == 0)] = 1
-    order = np.lexsort((np.arange(len(counts)), -(quota - np.floor(quota))))
-    while alloc.sum() > k:  # the at-least-one rule overshot: take from the largest
-        alloc[np.argmax(alloc - quota)] -= 1
-    i = 0
-    while alloc.sum() < k:
-        c = order[i % len(order)]
-        if alloc[c] < counts[c]:
-            alloc[c] += 1
-        i += 1
+    floor = ((counts > 0) & (k >= (counts > 0).sum())).astype(np.int64)  # one each, if k allows
+    alloc = np.maximum(alloc, floor)
+    while alloc.sum() > k:  # the one-each rule overshot: take from the most over-served
+        excess = np.where(alloc > floor, alloc - quota, -np.inf)
+        alloc[np.argmax(excess)] -= 1
+    while alloc.sum() < k:  # largest remainder first; argmax picks the lowest class id on ties
+        short = np.where(alloc < counts, quota - alloc, -np.inf)
+        alloc[np.argmax(short)] += 1
     return alloc
 
 

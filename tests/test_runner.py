@@ -1,0 +1,89 @@
+"""Run store: skip when fresh, stale downstream, atomic outputs under SIGKILL, same bytes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import files_under
+
+CURATE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def statuses(results):
+    return {r["unit"]: r["status"] for r in results}
+
+
+def test_rerun_is_cached_and_budget_change_recomputes_only_downstream(make_runner, tmp_path):
+    run = tmp_path / "run"
+    first = statuses(make_runner(run).run_all())
+    assert set(first.values()) == {"computed"}
+    assert set(statuses(make_runner(run).run_all()).values()) == {"cached"}
+
+    changed = make_runner(run, overrides=["select.1.budget=0.25"])
+    assert changed.state("verify") == "stale" and changed.state("select/stratified-0.25") == "missing"
+    got = statuses(changed.run_all())
+    assert got == {"index": "cached", "embed": "cached", "select/random-0.1": "cached",
+                   "select/stratified-0.25": "computed", "materialize/random-0.1": "cached",
+                   "materialize/stratified-0.25": "computed", "verify": "computed"}
+    report = json.loads((run / "verify" / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["full", "random-0.1", "stratified-0.25", "random-n360"]
+
+
+def test_dataset_change_makes_everything_stale(make_runner, catalog_copy, tmp_path):
+    r = make_runner(tmp_path / "run", catalog=catalog_copy)
+    r.run("index")
+    r.run("embed")
+    shard = catalog_copy.parent / "shards" / "train-000002.tar"
+    os.utime(shard, (0, 0))  # touching alone changes nothing: fingerprints hash content
+    assert make_runner(tmp_path / "run", catalog=catalog_copy).state("embed") == "done"
+    with open(shard, "r+b") as fh:
+        fh.seek(600)
+        byte = fh.read(1)
+        fh.seek(600)
+        fh.write(bytes([byte[0] ^ 1]))
+    fresh = make_runner(tmp_path / "run", catalog=catalog_copy)
+    assert fresh.state("index") == "stale" and fresh.state("embed") == "stale"
+
+
+def test_upstream_missing_is_a_clear_error(make_runner):
+    from pipeline.errors import CurateError
+
+    r = make_runner()
+    with pytest.raises(CurateError, match="materialize/random-0.1 needs select/random-0.1, which is missing"):
+        r.run("materialize/random-0.1")
+
+
+def _stage_cli(run_dir: Path, catalog: Path, stage: str, *extra):
+    return subprocess.Popen([*CURATE, "stage", stage, "--run", str(run_dir), "--catalog", str(catalog), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_leaves_nothing_and_rerun_matches_uninterrupted(make_runner, digits_catalog, tmp_path):
+    overrides = ["embed.epochs=8"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    for d in (ref, killed):
+        r = make_runner(d, overrides=overrides)
+        r.run("index")
+    proc = _stage_cli(killed, digits_catalog, "embed")
+    deadline = time.time() + 60
+    while not list(killed.glob(".tmp-embed-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside training
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "embed").exists()
+    assert make_runner(killed, overrides=overrides).state("embed") == "missing"
+
+    for d in (killed, ref):
+        assert make_runner(d, overrides=overrides).run("embed")["status"] == "computed"
+    assert not list(killed.glob(".tmp-*"))
+    a, b = files_under(ref / "embed"), files_under(killed / "embed")
+    assert sorted(a) == ["embeddings.json", "embeddings.npy"]
+    assert a == b
