@@ -24,3 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest_index.py
 
 .PHONY: install demo test test-slow bench
+
+fashion-mnist: $(STAMP)
+	$(BIN)/curate ingest idx --src ../shared/datasets/fashion-mnist --out data/fashion-mnist --name fashion-mnist
+.PHONY: fashion-mnist

@@ -118,7 +118,9 @@ class Catalog:
         return hash_json({"dataset": name, "split": split, "entry": entry, "shards": files})
 
     def set_entry(self, name: str, entry: DatasetEntry) -> None:
-        """Add or replace an entry and rewrite the catalog file atomically."""
+        """Add or replace an entry and rewrite the catalog file atomically (untouched if equal)."""
+        if self.entries.get(name) == entry and self.path.exists():
+            return
         self.entries[name] = entry
         raw = {"datasets": {n: e.model_dump(exclude_defaults=False) for n, e in sorted(self.entries.items())}}
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:
 
 
 class ManifestDataset:
-    """Samples of a manifest.parquet: dict(image=uint8 CHW tensor, label, weight, key, row).
+    """Samples of a manifest.parquet: dict(image=uint8 CHW tensor, label, weight, key, row[, caption]).
 
     `shard` paths in the manifest are resolved relative to the manifest's folder.
     `transform`, if given, is applied to the image tensor.
@@ -80,12 +80,14 @@ class ManifestDataset:
         if ext is None:
             raise ShardError(f"{where}: no image member")
         img = decode_image(members[ext], ext, where=where)
-        img = torch.from_numpy(np.ascontiguousarray(img[:, :, None] if img.ndim == 2 else img)).permute(2, 0, 1)
+        img = torch.from_numpy(np.array(img[:, :, None] if img.ndim == 2 else img)).permute(2, 0, 1)
         if self.transform is not None:
             img = self.transform(img)
-        caption = members["txt"].decode("utf-8") if "txt" in members else None
-        return {"image": img, "label": int(self.labels[i]), "weight": float(self.weights[i]),
-                "key": self.keys[i], "row": int(self.rows[i]), "caption": caption}
+        item = {"image": img, "label": int(self.labels[i]), "weight": float(self.weights[i]),
+                "key": self.keys[i], "row": int(self.rows[i])}
+        if "txt" in members:  # absent rather than None, so default_collate can batch items
+            item["caption"] = members["txt"].decode("utf-8")
+        return item
 
 
 def weighted_sampler(manifest: str | os.PathLike | ManifestDataset, num_samples: int | None = None,

@@ -151,6 +151,7 @@ class Runner:
                "inputs": self.inputs(unit), "config": ctx.config, "resources": stage.resources,
                "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
                "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
+               "host": platform.node(), "pid": os.getpid(),
                "metrics": ctx.metrics}
         (tmp / STAGE_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n")
         _swap_into_place(tmp, final)

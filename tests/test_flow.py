@@ -1,0 +1,77 @@
+"""The Prefect flow, on a real (temporary) Prefect server: default and Dask task runners."""
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import fast_config
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_states(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def write_config(path, run_dir, **sections):
+    path.write_text(yaml.safe_dump(fast_config(run_dir, **sections)))
+    return path
+
+
+def test_flow_runs_then_is_fully_cached_with_report_artifact(prefect_server, digits_catalog, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.curate import curate_flow, run_flow
+
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run")
+    report = run_flow(str(cfg), [], str(digits_catalog))
+    assert report.endswith("verify/report.md")
+    rows = json.loads((tmp_path / "run" / "verify" / "report.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["full", "random-0.1", "stratified-0.2", "random-n288"]
+    assert rows[0]["acc_mean"] > 0.25  # one epoch on full digits: well above chance (0.1)
+
+    state = curate_flow(str(tmp_path / "run"), str(digits_catalog), return_state=True)
+    assert state.is_completed()
+    states = task_states(state.state_details.flow_run_id)
+    assert len(states) == 7 and set(states.values()) == {"Cached"}, states
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-report"])))
+    table = json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
+    assert [r["name"] for r in table] == ["full", "random-0.1", "stratified-0.2", "random-n288"]
+
+
+def test_dask_local_cluster_gives_same_selection(prefect_server, digits_catalog, tmp_path):
+    from flows.curate import run_flow
+
+    base = write_config(tmp_path / "a.yaml", tmp_path / "a")
+    dask = write_config(tmp_path / "b.yaml", tmp_path / "b", flow={"task_runner": "dask", "n_workers": 2})
+    run_flow(str(base), [], str(digits_catalog))
+    run_flow(str(dask), [], str(digits_catalog))
+    for sel in ("random-0.1", "stratified-0.2"):
+        a = (tmp_path / "a" / "select" / sel / "selection.parquet").read_bytes()
+        b = (tmp_path / "b" / "select" / sel / "selection.parquet").read_bytes()
+        assert a == b
+    # the dask tasks ran in worker processes, not in this one
+    import os
+
+    rec = json.loads((tmp_path / "b" / "embed" / "_stage.json").read_text())
+    assert rec["metrics"]["train_accuracy"] > 0.25
+    assert rec["pid"] != os.getpid()
+    assert json.loads((tmp_path / "a" / "embed" / "_stage.json").read_text())["pid"] == os.getpid()
