@@ -1,0 +1,1 @@
+"""Score kernels: plain functions of arrays (numpy/torch in, numpy out)."""
