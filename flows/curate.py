@@ -1,4 +1,4 @@
-"""The Prefect flow: index -> embed -> select (per selection) -> materialize -> verify.
+"""The Prefect flow: index -> embed -> score -> select (per selection) -> materialize -> verify.
 
 The flow holds no computation: each task runs one stage unit through pipeline.runner,
 passing only the run directory, the unit name and the catalog path (never arrays).
@@ -42,10 +42,11 @@ def curate_flow(run_dir: str, catalog: str) -> str:
     sels = [s.sel_name for s in runner.cfg.select]
     index = _submit("index", run_dir, catalog, [])
     embed = _submit("embed", run_dir, catalog, [index])
-    selects = [_submit(f"select/{s}", run_dir, catalog, [embed]) for s in sels]
+    scores = [_submit(u, run_dir, catalog, [embed]) for u in runner.units("score")]  # none unless asked for
+    selects = [_submit(f"select/{s}", run_dir, catalog, [embed, *scores]) for s in sels]
     mats = [_submit(f"materialize/{s}", run_dir, catalog, [f]) for s, f in zip(sels, selects)]
     verify = _submit("verify", run_dir, catalog, [embed, *mats])
-    results = [f.result() for f in [index, embed, *selects, *mats, verify]]
+    results = [f.result() for f in [index, embed, *scores, *selects, *mats, verify]]
     logger = get_run_logger()
     for r in results:
         logger.info("%s: %s %s", r["unit"], r["status"], r["fingerprint"][:12])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import CurateError
 
@@ -24,11 +24,14 @@ class Section(BaseModel):
 
 class IndexConfig(Section):
     on_error: Literal["raise", "skip"] = "raise"
+    # held out of train when a validated score needs it and the catalog has no `val` split
+    val_fraction: float = Field(0.1, gt=0, lt=1)
 
 
 class EmbedConfig(Section):
     method: Literal["proxy"] = "proxy"
     epochs: int = Field(3, ge=1)
+    seeds: int = Field(1, ge=1)  # proxy runs; training-dynamics scores average over them
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     width: int = Field(32, ge=4)
@@ -66,6 +69,26 @@ class SelectSpec(Section):
         return self.model_dump(exclude={"name"})
 
 
+SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype")
+VALIDATED_SCORES = frozenset({"knn_shapley"})
+
+
+class ScoreConfig(Section):
+    methods: list[Literal[SCORE_METHODS]] = Field(default_factory=list)
+    el2n_epoch: int = Field(2, ge=1)  # 1-based proxy epoch for el2n / grand (clipped to the last)
+    knn_k: int = Field(10, ge=1)
+    prototype_clusters: int | None = Field(None, ge=1)  # default: number of classes
+    prototype_per_class: bool = False
+    device: DEVICE = "auto"
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("a score method is listed twice")
+        return v
+
+
 class MaterializeConfig(Section):
     shard_size: int = Field(10000, ge=1)
 
@@ -93,10 +116,16 @@ class RunConfig(Section):
     seed: int = 0
     index: IndexConfig = Field(default_factory=IndexConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: list[SelectSpec] = Field(default_factory=list)
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
+    _dataset_splits: dict | None = PrivateAttr(default=None)  # set by the Runner from the catalog
+
+    @property
+    def needs_validation(self) -> bool:
+        return bool(VALIDATED_SCORES & set(self.score.methods))
 
     @field_validator("select", mode="before")
     @classmethod

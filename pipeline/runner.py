@@ -21,7 +21,7 @@ from .fingerprint import stage_fingerprint
 from .shards import write_text_atomic
 
 STAGE_FILE = "_stage.json"
-STAGE_ORDER = ["index", "embed", "select", "materialize", "verify"]
+STAGE_ORDER = ["index", "embed", "score", "select", "materialize", "verify"]
 
 
 def _stages():
@@ -46,6 +46,8 @@ class Runner:
         self.cfg = cfg
         self.catalog = catalog
         self.run_dir = Path(run_dir or cfg.run).absolute()
+        if cfg.dataset in catalog.entries:
+            cfg._dataset_splits = dict(catalog.entries[cfg.dataset].splits)
         self._fp: dict[str, str] = {}
         self._ext: dict[tuple[str, str], str] = {}
 

@@ -1,8 +1,14 @@
 """embed: per-sample embeddings, row i = index row i.
 
-Method `proxy`: train a small CNN on the training split for a few epochs (seeded) and
-keep its penultimate activations, float32 [N, D], as `embeddings.npy`;
-`embeddings.json` says how they were made.
+Method `proxy`: train a small CNN on the training split for a few epochs over
+`seeds` seeds and keep seed 0's penultimate activations, float32 [N, D], as
+`embeddings.npy` (and `val_embeddings.npy` for index/val.parquet when it exists).
+Also written, for the scores and the gradient-based selections:
+- `probs.npy` [S, E, N, C] float16 softmax per seed and epoch, and `hnorm.npy`
+  [S, E, N] penultimate-feature norms (training dynamics);
+- `grads.npy`: [N, C] float32 last-layer bias gradients p - onehot(y) of seed 0's final
+  model; the full last-layer gradient is their outer product with the embeddings
+  (`stages.scores.dynamics.last_layer_gradients`).
 """
 
 from __future__ import annotations
@@ -16,27 +22,29 @@ from pipeline.errors import CurateError
 from pipeline.manifest import read_parquet
 from pipeline.stage import Stage, StageContext
 
-from .models import SmallCNN
+from .proxy import train_proxy
 from .select import label_array
-from .training import accuracy, predict, train_classifier
 
 
 def num_classes_of(entry, labels: np.ndarray) -> int:
     return entry.num_classes or int(labels.max()) + 1
 
 
-def load_index_arrays(ctx: StageContext, image_size: int | None):
-    """Index table, uint8 images [N, C, H, W] and int64 labels of the training split."""
-    index = read_parquet(ctx.input_dir("index") / "index.parquet")
+def load_table_images(ctx: StageContext, table, image_size: int | None) -> np.ndarray:
     entry = ctx.catalog.entry(ctx.cfg.dataset)
-    images = load_images(index.column("shard").to_pylist(), index.column("offset").to_pylist(),
-                         entry.fields.image, image_size)
-    return index, images, label_array(index)
+    return load_images(table.column("shard").to_pylist(), table.column("offset").to_pylist(),
+                       entry.fields.image, image_size)
+
+
+def load_index_arrays(ctx: StageContext, image_size: int | None, name: str = "index.parquet"):
+    """Index table, uint8 images [N, C, H, W] and int64 labels of the training pool (or val)."""
+    index = read_parquet(ctx.input_dir("index") / name)
+    return index, load_table_images(ctx, index, image_size), label_array(index)
 
 
 class EmbedStage(Stage):
     name = "embed"
-    version = 1
+    version = 2
     resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):
@@ -46,24 +54,34 @@ class EmbedStage(Stage):
         return ["index"]
 
     def run(self, ctx: StageContext) -> None:
-        import torch
         from tqdm import tqdm
 
         c = ctx.config
         _, images, labels = load_index_arrays(ctx, c["image_size"])
         if (labels < 0).any():
             raise CurateError("embed proxy: the proxy network trains on labels; some samples have none")
-        torch.manual_seed(c["seed"])
-        model = SmallCNN(images.shape[1], num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels), width=c["width"])
-        with tqdm(total=c["epochs"], desc="embed: proxy epochs", disable=None) as bar:
-            fit = train_classifier(model, images, labels, epochs=c["epochs"], batch_size=c["batch_size"],
-                                   lr=c["lr"], seed=c["seed"], device=ctx.device, progress=bar.update)
-        feats = predict(model, images, device=ctx.device, features=True).astype(np.float32)
-        if not np.isfinite(feats).all():
-            raise CurateError("embed proxy: training diverged (non-finite features); lower embed.lr")
+        has_val = (ctx.input_dir("index") / "val.parquet").exists()
+        val_images = load_index_arrays(ctx, c["image_size"], "val.parquet")[1] if has_val else None
+        n_classes = num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels)
+        with tqdm(total=c["epochs"] * c["seeds"], desc="embed: proxy epochs", disable=None) as bar:
+            out = train_proxy(images, labels, num_classes=n_classes, epochs=c["epochs"], seeds=c["seeds"],
+                              width=c["width"], batch_size=c["batch_size"], lr=c["lr"], seed=c["seed"],
+                              device=ctx.device, extra_images=val_images, progress=bar.update)
+        feats = out["feats"].astype(np.float32)
+        if not np.isfinite(feats).all() or not np.isfinite(out["probs"]).all():
+            raise CurateError("embed proxy: training diverged (non-finite outputs); lower embed.lr")
         np.save(ctx.out / "embeddings.npy", feats)
+        if has_val:
+            np.save(ctx.out / "val_embeddings.npy", out["extra_feats"].astype(np.float32))
+        np.save(ctx.out / "probs.npy", out["probs"])  # .npy, not .npz: zip headers hold timestamps
+        np.save(ctx.out / "hnorm.npy", out["hnorm"])
+        final = out["probs"][0, -1].astype(np.float32)
+        grads = final.copy()
+        grads[np.arange(len(labels)), labels] -= 1.0
+        np.save(ctx.out / "grads.npy", grads)
         meta = {"method": "proxy", "model": "small_cnn", "shape": list(feats.shape), "dtype": "float32",
-                "layer": "penultimate", "epochs": c["epochs"], "seed": c["seed"]}
+                "layer": "penultimate", "epochs": c["epochs"], "seeds": c["seeds"], "seed": c["seed"],
+                "val_embeddings": has_val}
         (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        ctx.metrics.update({"dim": feats.shape[1], "train_seconds": round(fit["seconds"], 3),
-                            "train_accuracy": accuracy(model, images, labels, device=ctx.device)})
+        ctx.metrics.update({"dim": feats.shape[1], "train_seconds": round(out["seconds"], 3),
+                            "train_accuracy": float((final.argmax(1) == labels).mean())})

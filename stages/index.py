@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.arrays import find_image
-from pipeline.errors import ShardError
 from pipeline.manifest import COMMON_SCHEMA, write_parquet
 from pipeline.shards import check_safe, decode_image, decode_label, iter_shard
 from pipeline.stage import Stage, StageContext
-from pipeline.errors import CurateError
+from pipeline.errors import CurateError, ShardError
 
 MAX_LISTED = 100
 
@@ -72,51 +72,100 @@ class IndexStage(Stage):
     resources = {"cpu": 1}
 
     def config(self, cfg, sel):
-        return {"dataset": cfg.dataset, **cfg.index.model_dump()}
+        c = {"dataset": cfg.dataset, "on_error": cfg.index.on_error}
+        if cfg.needs_validation:
+            has_val = "val" in (cfg_entry_splits(cfg) or {})
+            c["validation"] = "catalog val split" if has_val else {"val_fraction": cfg.index.val_fraction, "seed": cfg.seed}
+        return c
 
     def external_inputs(self, cfg, sel):
-        return [(cfg.dataset, "train")]
+        splits = cfg_entry_splits(cfg) or {}
+        return [(cfg.dataset, "train")] + ([(cfg.dataset, "val")] if cfg.needs_validation and "val" in splits else [])
 
     def run(self, ctx: StageContext) -> None:
         name = ctx.cfg.dataset
         entry = ctx.catalog.entry(name)
-        skip = ctx.config["on_error"] == "skip"
+        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip")
+        train = scan.read(ctx.catalog.shards(name, "train"))
+        val = None
+        validation = ctx.config.get("validation")
+        if validation == "catalog val split":
+            val = scan.read(ctx.catalog.shards(name, "val"))
+        elif validation and validation["val_fraction"] > 0:
+            train, val = holdout(train, validation["val_fraction"], validation["seed"])
+        if train.num_rows == 0:
+            raise CurateError(f"index: dataset '{name}' has no usable training samples")
+        meta = dict(stage=self.name, stage_version=self.version, fingerprint=ctx.fingerprint)
+        write_parquet(train, ctx.out / "index.parquet", **meta)
+        if val is not None:
+            if val.num_rows == 0:
+                raise CurateError(f"index: dataset '{name}' has an empty validation split")
+            write_parquet(val, ctx.out / "val.parquet", **meta)
+        ctx.metrics.update({"samples": train.num_rows, "val_samples": 0 if val is None else val.num_rows,
+                            "skipped": scan.n_skipped, "skipped_samples": scan.skipped,
+                            "image_shapes": sorted(list(s) for s in scan.shapes)[:10],
+                            "classes": sorted(set(train.column("label").drop_null().to_pylist()))})
+
+
+def cfg_entry_splits(cfg):
+    """The dataset's catalog splits, as the Runner recorded them on the config."""
+    return cfg._dataset_splits
+
+
+def renumber(table: pa.Table) -> pa.Table:
+    return table.set_column(0, "row", pa.array(range(table.num_rows), pa.int64()))
+
+
+def holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Split off a stratified, seeded validation part; both parts keep index order, rows renumbered."""
+    from .selection import budget_count, random_subset, stratified_subset
+
+    labels = table.column("label").fill_null(-1).to_numpy()
+    k = budget_count(float(fraction), table.num_rows)
+    rows = stratified_subset(labels, k, seed) if (labels >= 0).all() else random_subset(len(labels), k, seed)
+    is_val = np.zeros(table.num_rows, bool)
+    is_val[rows] = True
+    return renumber(table.filter(pa.array(~is_val))), renumber(table.filter(pa.array(is_val)))
+
+
+class SplitScan:
+    """Reads and checks the samples of a split's shards, skipping or raising per on_error."""
+
+    def __init__(self, dataset: str, entry, skip: bool):
+        self.dataset, self.entry, self.skip = dataset, entry, skip
+        self.seen: dict[str, str] = {}
+        self.skipped: list[dict] = []
+        self.shapes: set[tuple] = set()
+        self.n_skipped = 0
+
+    def _skip(self, shard: str, key: str | None, exc: Exception) -> None:
+        self.n_skipped += 1
+        if len(self.skipped) < MAX_LISTED:
+            self.skipped.append({"shard": shard, "key": key, "error": str(exc)})
+
+    def read(self, shards: list[str]) -> pa.Table:
         cols = {k: [] for k in COMMON_SCHEMA.names}
-        seen: dict[str, str] = {}
-        skipped: list[dict] = []
-        shapes: set[tuple] = set()
-        n_skipped = 0
-        for shard in ctx.catalog.shards(name, "train"):
+        for shard in shards:
             expected, count = expected_sizes(shard), 0
             try:
                 for sample in iter_shard(shard):
                     count += 1
                     try:
-                        label, caption, shape = check_sample(sample, shard, entry.fields, entry.num_classes, seen)
+                        label, caption, shape = check_sample(sample, shard, self.entry.fields, self.entry.num_classes, self.seen)
                     except ShardError as exc:
-                        if not skip:
+                        if not self.skip:
                             raise
-                        n_skipped += 1
-                        if len(skipped) < MAX_LISTED:
-                            skipped.append({"shard": shard, "key": sample.key, "error": str(exc)})
+                        self._skip(shard, sample.key, exc)
                         continue
-                    seen[sample.key] = shard
-                    shapes.add(shape)
-                    for k, v in (("row", len(cols["row"])), ("uid", f"{name}/{sample.key}"), ("key", sample.key),
+                    self.seen[sample.key] = shard
+                    self.shapes.add(shape)
+                    for k, v in (("row", len(cols["row"])), ("uid", f"{self.dataset}/{sample.key}"), ("key", sample.key),
                                  ("shard", shard), ("offset", sample.offset), ("label", label), ("caption", caption)):
                         cols[k].append(v)
                 if expected is not None and count != expected:
                     raise ShardError(f"shard {shard}: truncated or corrupt tar: {count} samples, sizes.json says {expected}")
             except ShardError as exc:
-                if not skip or "truncated or corrupt" not in str(exc):
+                if not self.skip or "truncated or corrupt" not in str(exc):
                     raise
-                n_skipped += 1  # the rest of a truncated shard is unreadable: one counted skip
-                skipped.append({"shard": shard, "key": None, "error": str(exc)})
-        if not cols["row"]:
-            raise CurateError(f"index: dataset '{name}' has no usable training samples")
-        table = pa.table(cols, schema=COMMON_SCHEMA)
-        write_parquet(table, ctx.out / "index.parquet", stage=self.name, stage_version=self.version,
-                      fingerprint=ctx.fingerprint)
-        ctx.metrics.update({"samples": table.num_rows, "skipped": n_skipped, "skipped_samples": skipped,
-                            "image_shapes": sorted(list(s) for s in shapes)[:10],
-                            "classes": sorted(set(cols["label"]) - {None})})
+                self._skip(shard, None, exc)  # the rest of a truncated shard is unreadable: one counted skip
+        return pa.table(cols, schema=COMMON_SCHEMA)

@@ -3,7 +3,8 @@
 from .embed import EmbedStage
 from .index import IndexStage
 from .materialize import MaterializeStage
+from .score import ScoreStage
 from .select import SelectStage
 from .verify import VerifyStage
 
-STAGES = {s.name: s for s in (IndexStage(), EmbedStage(), SelectStage(), MaterializeStage(), VerifyStage())}
+STAGES = {s.name: s for s in (IndexStage(), EmbedStage(), ScoreStage(), SelectStage(), MaterializeStage(), VerifyStage())}

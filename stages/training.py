@@ -22,22 +22,26 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
                      weights: np.ndarray | None = None, epochs: int, batch_size: int, lr: float,
-                     seed: int, device: torch.device, progress=None) -> dict:
-    """SGD (momentum 0.9, nesterov, wd 5e-4) with a cosine schedule; returns wall seconds and last loss."""
+                     seed: int, device: torch.device, progress=None, on_epoch_end=None) -> dict:
+    """SGD (momentum 0.9, nesterov, wd 5e-4) with a cosine schedule; returns wall seconds and last loss.
+
+    `on_epoch_end(epoch)` runs after each epoch (the proxy records training dynamics there).
+    """
     n = len(labels)
     if n == 0:
         raise ValueError("cannot train on an empty set")
     x = torch.from_numpy(np.ascontiguousarray(images))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     w = torch.tensor(np.asarray(weights if weights is not None else np.ones(n)), dtype=torch.float32)
-    model.to(device).train()
+    model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps_per_epoch = max(1, -(-n // batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     last = float("nan")
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        model.train()
         order = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -49,6 +53,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
             opt.step()
             sched.step()
             last = loss.item()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
         if progress:
             progress(1)
     if device.type == "cuda":
@@ -65,6 +71,20 @@ def predict(model: nn.Module, images: np.ndarray, *, device: torch.device, batch
     fn = model.features if features else model
     out = [fn(normalise(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def features_and_probs(model: nn.Module, images: np.ndarray, *, device: torch.device,
+                       batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features [N, D] and softmax outputs [N, C] in one pass (float32)."""
+    model.to(device).eval()
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    feats, probs = [], []
+    for i in range(0, len(x), batch_size):
+        h = model.features(normalise(x[i:i + batch_size].to(device)))
+        feats.append(h.float().cpu())
+        probs.append(torch.softmax(model.head(h).float(), 1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device) -> float:

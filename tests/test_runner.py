@@ -85,5 +85,5 @@ def test_sigkill_leaves_nothing_and_rerun_matches_uninterrupted(make_runner, dig
         assert make_runner(d, overrides=overrides).run("embed")["status"] == "computed"
     assert not list(killed.glob(".tmp-*"))
     a, b = files_under(ref / "embed"), files_under(killed / "embed")
-    assert sorted(a) == ["embeddings.json", "embeddings.npy"]
+    assert sorted(a) == ["embeddings.json", "embeddings.npy", "grads.npy", "hnorm.npy", "probs.npy"]
     assert a == b

@@ -1,0 +1,93 @@
+"""score: per-sample scores joined into score/scores.parquet (row, uid, score_<name>).
+
+Methods (higher = harder / less valuable, except knn_shapley where higher = more
+valuable): el2n, grand (last-layer closed form), forgetting, loss, margin (all from
+the proxy's recorded dynamics), knn_shapley (on embeddings, w.r.t. the validation
+split index/val.parquet), prototype (distance to nearest k-means centroid).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import CurateError
+from pipeline.manifest import read_parquet, write_parquet
+from pipeline.stage import Stage, StageContext
+
+from .scores import dynamics
+from .scores.knn_shapley import knn_shapley
+from .scores.prototype import prototype_distance
+from .select import label_array
+
+
+def compute_scores(methods: list[str], *, labels: np.ndarray, probs: np.ndarray, hnorm: np.ndarray,
+                   emb: np.ndarray, val_emb: np.ndarray | None, val_labels: np.ndarray | None,
+                   el2n_epoch: int, knn_k: int, prototype_clusters: int | None, prototype_per_class: bool,
+                   seed: int, device) -> dict[str, np.ndarray]:
+    """Every requested score as float32 [N]. probs [S, E, N, C], hnorm [S, E, N]."""
+    e = min(el2n_epoch, probs.shape[1]) - 1
+    final = probs[:, -1].astype(np.float32).mean(0)
+    out: dict[str, np.ndarray] = {}
+    for m in methods:
+        if m == "el2n":
+            out[m] = dynamics.el2n(probs[:, e].astype(np.float32), labels)
+        elif m == "grand":
+            out[m] = dynamics.grand_last_layer(probs[:, e].astype(np.float32), labels, hnorm[:, e, :, None])
+        elif m == "forgetting":
+            correct = probs.argmax(-1) == labels  # [S, E, N]
+            out[m] = np.mean([dynamics.forgetting(c) for c in correct], axis=0)
+        elif m == "loss":
+            out[m] = dynamics.loss(final, labels)
+        elif m == "margin":
+            out[m] = dynamics.margin(final, labels)
+        elif m == "knn_shapley":
+            if val_emb is None:
+                raise CurateError("score knn_shapley: no validation embeddings (index/val.parquet missing)")
+            out[m] = knn_shapley(emb, labels, val_emb, val_labels, k=knn_k, device=device)
+        elif m == "prototype":
+            k = prototype_clusters or int(labels.max()) + 1
+            out[m] = prototype_distance(emb, k, labels=labels if prototype_per_class else None, seed=seed, device=device)
+    return {m: np.asarray(v, np.float32) for m, v in out.items()}
+
+
+class ScoreStage(Stage):
+    name = "score"
+    version = 1
+    resources = {"cpu": 1, "gpu": "optional"}
+
+    def units(self, cfg):
+        return ["score"] if cfg.score.methods else []
+
+    def config(self, cfg, sel):
+        return {"seed": cfg.seed, **cfg.score.model_dump()}
+
+    def upstream(self, cfg, sel):
+        return ["index", "embed"]
+
+    def run(self, ctx: StageContext) -> None:
+        c = ctx.config
+        index = read_parquet(ctx.input_dir("index") / "index.parquet")
+        labels = label_array(index)
+        if (labels < 0).any():
+            raise CurateError("score: every method here needs labels; some training samples have none")
+        counts = np.bincount(labels)
+        if "prototype" in c["methods"] and c["prototype_per_class"] and (counts[counts > 0] < 2).any():
+            raise CurateError(f"score prototype per class: class {int(np.flatnonzero((counts > 0) & (counts < 2))[0])} has one sample")
+        embed = ctx.input_dir("embed")
+        emb = np.load(embed / "embeddings.npy")
+        if not np.isfinite(emb).all():
+            raise CurateError(f"score: embeddings row {int(np.flatnonzero(~np.isfinite(emb).all(1))[0])} is NaN or infinite")
+        val_emb = val_labels = None
+        if (embed / "val_embeddings.npy").exists():
+            val_emb = np.load(embed / "val_embeddings.npy")
+            val_labels = label_array(read_parquet(ctx.input_dir("index") / "val.parquet"))
+        scores = compute_scores(c["methods"], labels=labels, probs=np.load(embed / "probs.npy"),
+                                hnorm=np.load(embed / "hnorm.npy"), emb=emb, val_emb=val_emb, val_labels=val_labels,
+                                el2n_epoch=c["el2n_epoch"], knn_k=c["knn_k"], prototype_clusters=c["prototype_clusters"],
+                                prototype_per_class=c["prototype_per_class"], seed=c["seed"], device=ctx.device)
+        table = pa.table({"row": index.column("row"), "uid": index.column("uid"),
+                          **{f"score_{m}": pa.array(v, pa.float32()) for m, v in scores.items()}})
+        write_parquet(table, ctx.out / "scores.parquet", stage=self.name, stage_version=self.version,
+                      fingerprint=ctx.fingerprint)
+        ctx.metrics.update({f"{m}_mean": float(v.mean()) for m, v in scores.items()})

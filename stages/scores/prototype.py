@@ -1,0 +1,43 @@
+"""Self-supervised prototype difficulty (Sorscher et al. 2022): distance to the nearest
+k-means centroid of L2-normalised embeddings (k-means in torch, on CPU or GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0, device="cpu") -> np.ndarray:
+    """Centroids [k, D] by Lloyd's algorithm from a k-means++ start; deterministic for a seed."""
+    xt = torch.as_tensor(x, dtype=torch.float32, device=device)
+    n = len(xt)
+    k = min(k, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    first = int(torch.randint(n, (1,), generator=gen))
+    cent = [xt[first]]
+    d2 = ((xt - cent[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        probs = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.full((n,), 1.0 / n)
+        nxt = int(torch.multinomial(probs, 1, generator=gen))
+        cent.append(xt[nxt])
+        d2 = torch.minimum(d2, ((xt - xt[nxt]) ** 2).sum(1))
+    c = torch.stack(cent)
+    for _ in range(iters):
+        assign = torch.cdist(xt, c).argmin(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, xt)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+        c = torch.where(counts > 0, sums / counts.clamp(min=1), c)  # empty clusters keep their centre
+    return c.cpu().numpy()
+
+
+def prototype_distance(emb: np.ndarray, k: int, *, labels: np.ndarray | None = None, seed: int = 0,
+                       device="cpu") -> np.ndarray:
+    """Distance of each normalised embedding to its nearest centroid (per class if labels given)."""
+    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    groups = [np.arange(len(x))] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    out = np.zeros(len(x), np.float32)
+    for rows in groups:
+        c = kmeans(x[rows], k, seed=seed, device=device)
+        out[rows] = torch.cdist(torch.as_tensor(x[rows]), torch.as_tensor(c)).min(1).values.numpy()
+    return out

@@ -1,0 +1,104 @@
+"""score stage on digits with planted label noise: the scores must find the flipped samples."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import CurateError
+from stages.scores.dynamics import auroc
+from tests.test_index import rewrite_shard
+
+METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype"]
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory, digits_catalog):
+    """Digits with 10% of training labels flipped (seeded); returns catalog and flipped keys."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("noisy")
+    shutil.copytree(digits_catalog.parent, root / "cat")
+    cat = root / "cat" / "data_catalog.yaml"
+    rng = np.random.default_rng(0)
+    flipped = set()
+    for shard in sorted((root / "cat" / "shards").glob("train-*.tar")):
+        def edit(key, members):
+            if rng.random() < 0.1:
+                flipped.add(key)
+                members["cls"] = str((int(members["cls"]) + 1 + rng.integers(9)) % 10).encode()
+            return key, members
+        rewrite_shard(shard, edit)
+    return cat, flipped
+
+
+@pytest.fixture(scope="module")
+def scored(noisy, tmp_path_factory):
+    from pipeline.catalog import Catalog
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+    from tests.conftest import fast_config
+
+    cat, flipped = noisy
+    cfg = load_config(fast_config(tmp_path_factory.mktemp("run") / "r", embed={"epochs": 6, "seeds": 2},
+                                  score={"methods": METHODS, "el2n_epoch": 2}))
+    runner = Runner(cfg, Catalog.load(cat))
+    runner.write_run_json()
+    for unit in ("index", "embed", "score"):
+        runner.run(unit)
+    return runner, flipped
+
+
+def test_validation_holdout_is_stratified_and_out_of_the_pool(scored):
+    runner, _ = scored
+    pool = pq.read_table(runner.run_dir / "index" / "index.parquet")
+    val = pq.read_table(runner.run_dir / "index" / "val.parquet")
+    assert pool.num_rows + val.num_rows == 1438 and val.num_rows == 144
+    assert not set(pool.column("key").to_pylist()) & set(val.column("key").to_pylist())
+    assert pool.column("row").to_pylist() == list(range(pool.num_rows))
+    counts = np.bincount(np.asarray(val.column("label")), minlength=10)
+    assert counts.min() >= 12 and counts.max() <= 17
+    assert np.load(runner.run_dir / "embed" / "val_embeddings.npy").shape == (144, 128)
+
+
+def test_scores_detect_flipped_labels(scored):
+    runner, flipped = scored
+    t = pq.read_table(runner.run_dir / "score" / "scores.parquet")
+    assert t.column_names == ["row", "uid"] + [f"score_{m}" for m in METHODS]
+    keys = [u.split("/", 1)[1] for u in t.column("uid").to_pylist()]
+    is_flipped = np.array([k in flipped for k in keys])
+    assert 100 < is_flipped.sum() < 190
+    aurocs = {m: auroc(np.asarray(t.column(f"score_{m}")), is_flipped) for m in METHODS}
+    aurocs["knn_shapley"] = auroc(-np.asarray(t.column("score_knn_shapley")), is_flipped)  # low value = suspicious
+    (runner.run_dir / "aurocs.json").write_text(json.dumps(aurocs))
+    for m in ("el2n", "loss", "margin", "forgetting", "grand", "knn_shapley"):
+        assert aurocs[m] > 0.85, aurocs  # a score unrelated to the noise sits near 0.5
+    lowest = np.argsort(np.asarray(t.column("score_knn_shapley")))[: int(0.1 * len(keys))]
+    assert is_flipped[lowest].mean() > 0.6
+
+
+def test_scores_are_deterministic(scored, noisy, tmp_path):
+    from pipeline.catalog import Catalog
+    from pipeline.runner import Runner
+
+    runner, _ = scored
+    again = Runner(runner.cfg, Catalog.load(noisy[0]), tmp_path / "again")
+    for unit in ("index", "embed", "score"):
+        again.run(unit)
+    assert (tmp_path / "again" / "score" / "scores.parquet").read_bytes() == \
+        (runner.run_dir / "score" / "scores.parquet").read_bytes()
+
+
+def test_nan_embeddings_are_a_clear_error(scored):
+    runner, _ = scored
+    emb_path = runner.run_dir / "embed" / "embeddings.npy"
+    emb = np.load(emb_path)
+    bad = emb.copy()
+    bad[7, 3] = np.nan
+    np.save(emb_path, bad)
+    try:
+        with pytest.raises(CurateError, match="embeddings row 7 is NaN or infinite"):
+            runner.run("score", force=True)
+    finally:
+        np.save(emb_path, emb)
