@@ -29,7 +29,7 @@ class IndexConfig(Section):
 
 
 class EmbedConfig(Section):
-    method: Literal["proxy"] = "proxy"
+    method: Literal["proxy", "open_clip"] = "proxy"
     epochs: int = Field(3, ge=1)
     seeds: int = Field(1, ge=1)  # proxy runs; training-dynamics scores average over them
     batch_size: int = Field(128, ge=1)
@@ -37,6 +37,10 @@ class EmbedConfig(Section):
     width: int = Field(32, ge=4)
     image_size: int | None = Field(None, ge=4)
     device: DEVICE = "auto"
+    # open_clip only
+    model: str = "ViT-B-32"
+    pretrained: str | None = None  # an open_clip tag, a local checkpoint path, or None (random weights)
+    num_workers: int = Field(2, ge=0)
 
 
 Budget = StrictInt | StrictFloat

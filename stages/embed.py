@@ -48,12 +48,20 @@ class EmbedStage(Stage):
     resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):
-        return {"seed": cfg.seed, **cfg.embed.model_dump()}
+        """Only the settings the chosen method reads (num_workers changes no output)."""
+        unused = ({"epochs", "seeds", "lr", "width", "image_size"} if cfg.embed.method == "open_clip"
+                  else {"model", "pretrained"}) | {"num_workers"}
+        c = {"seed": cfg.seed, **cfg.embed.model_dump(exclude=unused)}
+        if cfg.embed.method == "open_clip":
+            c["num_workers"] = cfg.embed.num_workers  # the loader needs it; harmless in the fingerprint
+        return c
 
     def upstream(self, cfg, sel):
         return ["index"]
 
     def run(self, ctx: StageContext) -> None:
+        if ctx.config["method"] == "open_clip":
+            return self.run_open_clip(ctx)
         from tqdm import tqdm
 
         c = ctx.config
@@ -85,3 +93,34 @@ class EmbedStage(Stage):
         (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         ctx.metrics.update({"dim": feats.shape[1], "train_seconds": round(out["seconds"], 3),
                             "train_accuracy": float((final.argmax(1) == labels).mean())})
+
+    def run_open_clip(self, ctx: StageContext) -> None:
+        from tqdm import tqdm
+
+        from .clip_embed import encode_images, encode_texts, load_clip
+
+        c = ctx.config
+        model, preprocess, tokenizer = load_clip(c["model"], c["pretrained"], ctx.device)
+        parts = [("index.parquet", "embeddings.npy", "text_embeddings.npy"),
+                 ("val.parquet", "val_embeddings.npy", "val_text_embeddings.npy")]
+        meta = {"method": "open_clip", "model": c["model"], "pretrained": c["pretrained"], "dtype": "float16",
+                "normalised": True}
+        for table_name, img_out, txt_out in parts:
+            path = ctx.input_dir("index") / table_name
+            if not path.exists():
+                continue
+            n = read_parquet(path, ["row"]).num_rows
+            with tqdm(total=n, desc=f"embed: open_clip {table_name}", unit=" img", disable=None) as bar:
+                emb = encode_images(model, preprocess, path, device=ctx.device, batch_size=c["batch_size"],
+                                    num_workers=c["num_workers"], progress=bar.update)
+            np.save(ctx.out / img_out, emb)
+            meta[img_out] = list(emb.shape)
+            captions = read_parquet(path, ["caption"]).column("caption").to_pylist()
+            if any(cap is not None for cap in captions):
+                txt = encode_texts(model, tokenizer, [cap or "" for cap in captions], device=ctx.device,
+                                   batch_size=c["batch_size"])
+                txt[[cap is None for cap in captions]] = 0  # no caption: a zero vector, never a fake one
+                np.save(ctx.out / txt_out, txt)
+                meta[txt_out] = list(txt.shape)
+        (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        ctx.metrics.update({"dim": meta["embeddings.npy"][1], "samples": meta["embeddings.npy"][0]})

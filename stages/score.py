@@ -75,15 +75,19 @@ class ScoreStage(Stage):
         if "prototype" in c["methods"] and c["prototype_per_class"] and (counts[counts > 0] < 2).any():
             raise CurateError(f"score prototype per class: class {int(np.flatnonzero((counts > 0) & (counts < 2))[0])} has one sample")
         embed = ctx.input_dir("embed")
-        emb = np.load(embed / "embeddings.npy")
+        emb = np.load(embed / "embeddings.npy").astype(np.float32)
         if not np.isfinite(emb).all():
             raise CurateError(f"score: embeddings row {int(np.flatnonzero(~np.isfinite(emb).all(1))[0])} is NaN or infinite")
         val_emb = val_labels = None
         if (embed / "val_embeddings.npy").exists():
-            val_emb = np.load(embed / "val_embeddings.npy")
+            val_emb = np.load(embed / "val_embeddings.npy").astype(np.float32)
             val_labels = label_array(read_parquet(ctx.input_dir("index") / "val.parquet"))
-        scores = compute_scores(c["methods"], labels=labels, probs=np.load(embed / "probs.npy"),
-                                hnorm=np.load(embed / "hnorm.npy"), emb=emb, val_emb=val_emb, val_labels=val_labels,
+        dynamic = sorted(set(c["methods"]) & {"el2n", "grand", "forgetting", "loss", "margin"})
+        if dynamic and not (embed / "probs.npy").exists():
+            raise CurateError(f"score {', '.join(dynamic)}: needs the proxy's training dynamics (embed.method: proxy)")
+        probs = np.load(embed / "probs.npy") if dynamic else np.zeros((1, 1, len(labels), 1), np.float16)
+        hnorm = np.load(embed / "hnorm.npy") if dynamic else np.zeros((1, 1, len(labels)), np.float32)
+        scores = compute_scores(c["methods"], labels=labels, probs=probs, hnorm=hnorm, emb=emb, val_emb=val_emb, val_labels=val_labels,
                                 el2n_epoch=c["el2n_epoch"], knn_k=c["knn_k"], prototype_clusters=c["prototype_clusters"],
                                 prototype_per_class=c["prototype_per_class"], seed=c["seed"], device=ctx.device)
         table = pa.table({"row": index.column("row"), "uid": index.column("uid"),
