@@ -31,7 +31,7 @@ from pipeline.shards import shard_pattern  # noqa: E402
 from stages.scores.dynamics import auroc  # noqa: E402
 from stages.scores.knn_shapley import knn_shapley  # noqa: E402
 
-METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype"]
+METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence"]
 
 
 def flipped_fashion(src: str, out: Path, fraction: float = 0.1, seed: int = 0) -> tuple[Path, set[str]]:
@@ -70,7 +70,7 @@ def run_flipped(src: str, work: Path, epochs: int = 4, seeds: int = 1) -> dict:
     res = {"n_pool": len(keys), "n_flipped_in_pool": int(is_flipped.sum()), "seconds": secs, "auroc": {}}
     for m in METHODS:
         s = np.asarray(t.column(f"score_{m}"))
-        res["auroc"][m] = auroc(-s if m == "knn_shapley" else s, is_flipped)
+        res["auroc"][m] = auroc(-s if m in ("knn_shapley", "influence") else s, is_flipped)
     v = np.asarray(t.column("score_knn_shapley"))
     lowest = np.argsort(v, kind="stable")[: int(0.1 * len(v))]
     res["knn_recall_lowest10"] = float(is_flipped[lowest].sum() / is_flipped.sum())
@@ -102,7 +102,7 @@ def main() -> None:
           f"{r['n_flipped_in_pool']} flipped in pool; proxy {a.epochs} epochs x {a.seeds} seed(s)")
     print("| score | AUROC (flipped vs clean) |\n|---|---|")
     for m, v in r["auroc"].items():
-        print(f"| {m}{' (low value = flipped)' if m == 'knn_shapley' else ''} | {v:.3f} |")
+        print(f"| {m}{' (low value = flipped)' if m in ('knn_shapley', 'influence') else ''} | {v:.3f} |")
     print(f"knn_shapley: {100 * r['knn_recall_lowest10']:.1f}% of flipped samples in the lowest-valued 10%")
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     n, m = (int(s) for s in a.knn_size.split("x"))

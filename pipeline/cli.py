@@ -67,6 +67,8 @@ def stage(name: str = typer.Argument(..., help="index | embed | select | materia
     try:
         runner = Runner.from_run_dir(run_dir, str(config) if config else None, set_, catalog)
         units = runner.units(name)
+        if not units:
+            typer.echo(f"{name}: nothing to run in this config (e.g. no score methods or no selections)")
         runner.write_run_json()
         for unit in units:
             res = runner.run(unit, force=force)

@@ -73,8 +73,8 @@ class SelectSpec(Section):
         return self.model_dump(exclude={"name"})
 
 
-SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype")
-VALIDATED_SCORES = frozenset({"knn_shapley"})
+SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence")
+VALIDATED_SCORES = frozenset({"knn_shapley", "influence"})
 
 
 class ScoreConfig(Section):
@@ -83,6 +83,7 @@ class ScoreConfig(Section):
     knn_k: int = Field(10, ge=1)
     prototype_clusters: int | None = Field(None, ge=1)  # default: number of classes
     prototype_per_class: bool = False
+    influence_damping: float = Field(0.01, gt=0)
     device: DEVICE = "auto"
 
     @field_validator("methods")

@@ -2,7 +2,8 @@
 
 Method `proxy`: train a small CNN on the training split for a few epochs over
 `seeds` seeds and keep seed 0's penultimate activations, float32 [N, D], as
-`embeddings.npy` (and `val_embeddings.npy` for index/val.parquet when it exists).
+`embeddings.npy` (and `val_embeddings.npy`, `val_probs.npy` for index/val.parquet when
+it exists).
 Also written, for the scores and the gradient-based selections:
 - `probs.npy` [S, E, N, C] float16 softmax per seed and epoch, and `hnorm.npy`
   [S, E, N] penultimate-feature norms (training dynamics);
@@ -44,7 +45,7 @@ def load_index_arrays(ctx: StageContext, image_size: int | None, name: str = "in
 
 class EmbedStage(Stage):
     name = "embed"
-    version = 2
+    version = 3
     resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):
@@ -81,6 +82,7 @@ class EmbedStage(Stage):
         np.save(ctx.out / "embeddings.npy", feats)
         if has_val:
             np.save(ctx.out / "val_embeddings.npy", out["extra_feats"].astype(np.float32))
+            np.save(ctx.out / "val_probs.npy", out["extra_probs"].astype(np.float32))
         np.save(ctx.out / "probs.npy", out["probs"])  # .npy, not .npz: zip headers hold timestamps
         np.save(ctx.out / "hnorm.npy", out["hnorm"])
         final = out["probs"][0, -1].astype(np.float32)

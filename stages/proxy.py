@@ -16,7 +16,8 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, *, num_classes: int, epo
                 extra_images: np.ndarray | None = None, progress=None) -> dict:
     """Train `seeds` proxies; returns
 
-    feats [N, D] and extra_feats (penultimate features of seed 0's final model),
+    feats [N, D], extra_feats and extra_probs (penultimate features and softmax of seed 0's
+    final model on the training and the extra images),
     probs [S, E, N, C] float16 softmax per seed and epoch, hnorm [S, E, N] float32 norms of
     the penultimate features (for GraNd), seconds (training time, all seeds).
     """
@@ -39,5 +40,6 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, *, num_classes: int, epo
         if first is None:
             first = model
     feats, _ = features_and_probs(first, images, device=device)
-    extra = features_and_probs(first, extra_images, device=device)[0] if extra_images is not None else None
-    return {"feats": feats, "extra_feats": extra, "probs": probs, "hnorm": hnorm, "seconds": seconds}
+    extra = features_and_probs(first, extra_images, device=device) if extra_images is not None else (None, None)
+    return {"feats": feats, "extra_feats": extra[0], "extra_probs": extra[1], "probs": probs, "hnorm": hnorm,
+            "seconds": seconds}

@@ -3,7 +3,8 @@
 Methods (higher = harder / less valuable, except knn_shapley where higher = more
 valuable): el2n, grand (last-layer closed form), forgetting, loss, margin (all from
 the proxy's recorded dynamics), knn_shapley (on embeddings, w.r.t. the validation
-split index/val.parquet), prototype (distance to nearest k-means centroid).
+split index/val.parquet), prototype (distance to nearest k-means centroid), influence
+(last-layer influence on the validation loss, exact Hessian, damped; higher = more helpful).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.manifest import read_parquet, write_parquet
 from pipeline.stage import Stage, StageContext
 
 from .scores import dynamics
+from .scores.influence import influence_last_layer
 from .scores.knn_shapley import knn_shapley
 from .scores.prototype import prototype_distance
 from .select import label_array
@@ -24,7 +26,8 @@ from .select import label_array
 def compute_scores(methods: list[str], *, labels: np.ndarray, probs: np.ndarray, hnorm: np.ndarray,
                    emb: np.ndarray, val_emb: np.ndarray | None, val_labels: np.ndarray | None,
                    el2n_epoch: int, knn_k: int, prototype_clusters: int | None, prototype_per_class: bool,
-                   seed: int, device) -> dict[str, np.ndarray]:
+                   seed: int, device, val_probs: np.ndarray | None = None,
+                   influence_damping: float = 0.01) -> dict[str, np.ndarray]:
     """Every requested score as float32 [N]. probs [S, E, N, C], hnorm [S, E, N]."""
     e = min(el2n_epoch, probs.shape[1]) - 1
     final = probs[:, -1].astype(np.float32).mean(0)
@@ -45,6 +48,12 @@ def compute_scores(methods: list[str], *, labels: np.ndarray, probs: np.ndarray,
             if val_emb is None:
                 raise CurateError("score knn_shapley: no validation embeddings (index/val.parquet missing)")
             out[m] = knn_shapley(emb, labels, val_emb, val_labels, k=knn_k, device=device)
+        elif m == "influence":
+            if val_emb is None or val_probs is None:
+                raise CurateError("score influence: needs the proxy's validation outputs (embed.method: proxy)")
+            # seed 0's final model: the one whose features `emb` holds
+            out[m] = influence_last_layer(probs[0, -1].astype(np.float32), labels, emb, val_probs, val_labels,
+                                          val_emb, damping=influence_damping)
         elif m == "prototype":
             k = prototype_clusters or int(labels.max()) + 1
             out[m] = prototype_distance(emb, k, labels=labels if prototype_per_class else None, seed=seed, device=device)
@@ -82,14 +91,16 @@ class ScoreStage(Stage):
         if (embed / "val_embeddings.npy").exists():
             val_emb = np.load(embed / "val_embeddings.npy").astype(np.float32)
             val_labels = label_array(read_parquet(ctx.input_dir("index") / "val.parquet"))
-        dynamic = sorted(set(c["methods"]) & {"el2n", "grand", "forgetting", "loss", "margin"})
+        dynamic = sorted(set(c["methods"]) & {"el2n", "grand", "forgetting", "loss", "margin", "influence"})
         if dynamic and not (embed / "probs.npy").exists():
             raise CurateError(f"score {', '.join(dynamic)}: needs the proxy's training dynamics (embed.method: proxy)")
         probs = np.load(embed / "probs.npy") if dynamic else np.zeros((1, 1, len(labels), 1), np.float16)
         hnorm = np.load(embed / "hnorm.npy") if dynamic else np.zeros((1, 1, len(labels)), np.float32)
         scores = compute_scores(c["methods"], labels=labels, probs=probs, hnorm=hnorm, emb=emb, val_emb=val_emb, val_labels=val_labels,
                                 el2n_epoch=c["el2n_epoch"], knn_k=c["knn_k"], prototype_clusters=c["prototype_clusters"],
-                                prototype_per_class=c["prototype_per_class"], seed=c["seed"], device=ctx.device)
+                                prototype_per_class=c["prototype_per_class"], seed=c["seed"], device=ctx.device,
+                                val_probs=np.load(embed / "val_probs.npy") if (embed / "val_probs.npy").exists() else None,
+                                influence_damping=c["influence_damping"])
         table = pa.table({"row": index.column("row"), "uid": index.column("uid"),
                           **{f"score_{m}": pa.array(v, pa.float32()) for m, v in scores.items()}})
         write_parquet(table, ctx.out / "scores.parquet", stage=self.name, stage_version=self.version,
