@@ -32,6 +32,7 @@ class EmbedConfig(Section):
     method: Literal["proxy", "open_clip"] = "proxy"
     epochs: int = Field(3, ge=1)
     seeds: int = Field(1, ge=1)  # proxy runs; training-dynamics scores average over them
+    arch: Literal["auto", "small_cnn", "resnet18"] = "auto"  # auto: small_cnn below 32 px, else resnet18
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     width: int = Field(32, ge=4)

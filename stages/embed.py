@@ -23,6 +23,7 @@ from pipeline.errors import CurateError
 from pipeline.manifest import read_parquet
 from pipeline.stage import Stage, StageContext
 
+from .models import proxy_arch
 from .proxy import train_proxy
 from .select import label_array
 
@@ -52,6 +53,8 @@ class EmbedStage(Stage):
         """Only the settings the chosen method reads (num_workers changes no output)."""
         unused = ({"epochs", "seeds", "lr", "width", "image_size"} if cfg.embed.method == "open_clip"
                   else {"model", "pretrained"}) | {"num_workers"}
+        if cfg.embed.method == "open_clip":
+            unused.add("arch")
         c = {"seed": cfg.seed, **cfg.embed.model_dump(exclude=unused)}
         if cfg.embed.method == "open_clip":
             c["num_workers"] = cfg.embed.num_workers  # the loader needs it; harmless in the fingerprint
@@ -72,10 +75,11 @@ class EmbedStage(Stage):
         has_val = (ctx.input_dir("index") / "val.parquet").exists()
         val_images = load_index_arrays(ctx, c["image_size"], "val.parquet")[1] if has_val else None
         n_classes = num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels)
+        arch = proxy_arch(c["arch"], min(images.shape[2:]))
         with tqdm(total=c["epochs"] * c["seeds"], desc="embed: proxy epochs", disable=None) as bar:
             out = train_proxy(images, labels, num_classes=n_classes, epochs=c["epochs"], seeds=c["seeds"],
                               width=c["width"], batch_size=c["batch_size"], lr=c["lr"], seed=c["seed"],
-                              device=ctx.device, extra_images=val_images, progress=bar.update)
+                              device=ctx.device, arch=arch, extra_images=val_images, progress=bar.update)
         feats = out["feats"].astype(np.float32)
         if not np.isfinite(feats).all() or not np.isfinite(out["probs"]).all():
             raise CurateError("embed proxy: training diverged (non-finite outputs); lower embed.lr")
@@ -89,7 +93,7 @@ class EmbedStage(Stage):
         grads = final.copy()
         grads[np.arange(len(labels)), labels] -= 1.0
         np.save(ctx.out / "grads.npy", grads)
-        meta = {"method": "proxy", "model": "small_cnn", "shape": list(feats.shape), "dtype": "float32",
+        meta = {"method": "proxy", "model": arch, "shape": list(feats.shape), "dtype": "float32",
                 "layer": "penultimate", "epochs": c["epochs"], "seeds": c["seeds"], "seed": c["seed"],
                 "val_embeddings": has_val}
         (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

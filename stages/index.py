@@ -121,6 +121,10 @@ def holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.T
     from .selection import budget_count, random_subset, stratified_subset
 
     labels = table.column("label").fill_null(-1).to_numpy()
+    classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+    if (counts < 2).any():
+        raise CurateError(f"index: class {int(classes[counts < 2][0])} has one training sample; a validation holdout "
+                          "needs at least 2 per class (add a `val` split to the catalog entry)")
     k = budget_count(float(fraction), table.num_rows)
     rows = stratified_subset(labels, k, seed) if (labels >= 0).all() else random_subset(len(labels), k, seed)
     is_val = np.zeros(table.num_rows, bool)

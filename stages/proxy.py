@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models import SmallCNN
+from .models import build_model
 from .training import features_and_probs, train_classifier
 
 
 def train_proxy(images: np.ndarray, labels: np.ndarray, *, num_classes: int, epochs: int, seeds: int,
-                width: int, batch_size: int, lr: float, seed: int, device: torch.device,
+                width: int, batch_size: int, lr: float, seed: int, device: torch.device, arch: str = "small_cnn",
                 extra_images: np.ndarray | None = None, progress=None) -> dict:
     """Train `seeds` proxies; returns
 
@@ -27,7 +27,7 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, *, num_classes: int, epo
     seconds, first = 0.0, None
     for s in range(seeds):
         torch.manual_seed(seed + s)
-        model = SmallCNN(images.shape[1], num_classes, width=width)
+        model = build_model(arch, images.shape[1], num_classes, width=width)
 
         def record(epoch: int, s=s, model=model):
             h, p = features_and_probs(model, images, device=device)

@@ -105,3 +105,32 @@ def test_nan_embeddings_are_a_clear_error(scored):
             runner.run("score", force=True)
     finally:
         np.save(emb_path, emb)
+
+
+def test_holdout_refuses_a_class_with_one_sample():
+    import pyarrow as pa
+
+    from pipeline.manifest import COMMON_SCHEMA
+    from stages.index import holdout
+
+    labels = [0] * 10 + [1] * 10 + [2]
+    n = len(labels)
+    t = pa.table({"row": list(range(n)), "uid": [f"d/{i}" for i in range(n)], "key": [str(i) for i in range(n)],
+                  "shard": ["s.tar"] * n, "offset": list(range(n)), "label": labels, "caption": [None] * n},
+                 schema=COMMON_SCHEMA)
+    with pytest.raises(CurateError, match="class 2 has one training sample"):
+        holdout(t, 0.1, 0)
+    train, val = holdout(t.slice(0, 20), 0.1, 0)
+    assert val.num_rows == 2 and sorted(val.column("label").to_pylist()) == [0, 1]
+    assert train.column("row").to_pylist() == list(range(18))
+
+
+def test_resnet18_proxy_features():
+    import torch
+
+    from stages.models import build_model, proxy_arch
+
+    assert proxy_arch("auto", 28) == "small_cnn" and proxy_arch("auto", 32) == "resnet18"
+    m = build_model("resnet18", 3, 10)
+    x = torch.randn(2, 3, 32, 32)
+    assert m.features(x).shape == (2, 512) and m(x).shape == (2, 10)
