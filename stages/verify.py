@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.arrays import load_images
 from pipeline.errors import CurateError, ShardError
@@ -19,7 +20,7 @@ from pipeline.manifest import read_parquet
 from pipeline.shards import check_safe, decode_label, iter_shard
 from pipeline.stage import Stage, StageContext
 
-from .embed import load_index_arrays, num_classes_of
+from .embed import load_index_arrays, load_table_images, num_classes_of
 from .models import build_model
 from .selection import random_subset
 
@@ -43,7 +44,7 @@ def load_test_split(ctx: StageContext, image_size: int | None):
 
 
 def training_sets(ctx: StageContext, n_full: int):
-    """(name, kind, method, budget, rows or None, weights or None, manifest dir) per set to train."""
+    """(name, kind, method, budget, rows or None, weights or None) per set to train."""
     yield "full", "full", "full", 1.0, None, None
     sizes_with_random = set()
     for spec in ctx.cfg.select:
@@ -65,9 +66,8 @@ def subset_images(ctx: StageContext, sel_name: str, image_size):
     """The subset's pixels read back from its compact shards (checks materialize's output)."""
     d = ctx.input_dir(f"materialize/{sel_name}")
     m = read_parquet(d / "manifest.parquet", ["shard", "offset"])
-    entry = ctx.catalog.entry(ctx.cfg.dataset)
-    return load_images([str(d / s) for s in m.column("shard").to_pylist()], m.column("offset").to_pylist(),
-                       entry.fields.image, image_size)
+    m = m.set_column(0, "shard", pa.array([str(d / s) for s in m.column("shard").to_pylist()]))
+    return load_table_images(ctx, m, image_size)
 
 
 def render_markdown(report: dict) -> str:
