@@ -39,8 +39,13 @@ def find_image(members: dict[str, bytes], exts: Sequence[str]) -> tuple[str, byt
 
 
 def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Sequence[str],
-                image_size: int | None = None) -> np.ndarray:
-    """Images at (shard, offset) pairs, in the given order, as uint8 [N, C, H, W]."""
+                image_size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """Images at (shard, offset) pairs, in the given order, as uint8 [N, C, H, W].
+
+    `channels` fixes C (grey repeated to RGB, RGB averaged to grey); pass the training
+    pool's count so that train, validation, test and subsets agree. Default: the most
+    channels among these images.
+    """
     wanted: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (s, o) in enumerate(zip(shards, offsets)):
         wanted[s][int(o)].append(i)
@@ -66,7 +71,7 @@ def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Seque
     if not decoded:
         return np.zeros((0, 1, 1, 1), np.uint8)
     shapes = {d.shape[:2] for d in decoded}
-    channels = max(1 if d.ndim == 2 else d.shape[2] for d in decoded)
+    channels = channels or max(1 if d.ndim == 2 else d.shape[2] for d in decoded)
     if image_size is None and len(shapes) > 1:
         raise CurateError(f"images have {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): set image_size in the config")
     return np.stack([to_chw(d, image_size, channels) for d in decoded])

@@ -112,9 +112,10 @@ class Catalog:
         return paths
 
     def fingerprint(self, name: str, split: str) -> str:
-        """Content fingerprint of one split: its entry and the bytes of its shards."""
+        """Fingerprint of one split: its entry, where its shards are (index.parquet records the
+        paths) and their bytes."""
         entry = self.entry(name).model_dump(exclude={"description"})
-        files = [(os.path.basename(p), hash_file(p)) for p in self.shards(name, split)]
+        files = [(p, hash_file(p)) for p in self.shards(name, split)]
         return hash_json({"dataset": name, "split": split, "entry": entry, "shards": files})
 
     def set_entry(self, name: str, entry: DatasetEntry) -> None:

@@ -99,8 +99,13 @@ def report(run_dir: Path = typer.Option(..., "--run")):
     path = run_dir / "verify" / "report.json"
     if not path.exists():
         _fail(CurateError(f"run {run_dir}: no verify/report.json (run `curate stage verify --run {run_dir}`)"))
-    md = render_markdown(json.loads(path.read_text()))
-    (run_dir / "verify" / "report.md").write_text(md)
+    try:
+        md = render_markdown(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(CurateError(f"{path}: not a curate report ({type(exc).__name__}: {exc})"))
+    from .shards import write_text_atomic
+
+    write_text_atomic(run_dir / "verify" / "report.md", md)
     typer.echo(md)
 
 

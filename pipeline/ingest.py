@@ -12,7 +12,9 @@ import gzip
 import io
 import os
 import pickle
+import shutil
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -21,7 +23,7 @@ import numpy as np
 
 from .catalog import Catalog, DatasetEntry, Fields
 from .errors import CurateError
-from .shards import IMAGE_EXTS, ShardWriter, decode_image, encode_png, shard_pattern
+from .shards import IMAGE_EXTS, ShardWriter, decode_image, encode_png, shard_pattern, update_sizes
 
 
 @dataclass
@@ -190,7 +192,10 @@ def read_imagefolder(src: str | None) -> RawDataset:
                 data = f.read_bytes()
                 decode_image(data, ext, where=f"imagefolder file {f}")
                 cap = f.with_suffix(".txt")
-                caption = cap.read_text().strip() if cap.exists() else None
+                try:
+                    caption = cap.read_text(encoding="utf-8").strip() if cap.exists() else None
+                except UnicodeDecodeError:
+                    raise CurateError(f"imagefolder caption {cap}: not UTF-8 text") from None
                 has_caption |= caption is not None
                 exts.add(ext)
                 out.append(RawSample(label=label, data=data, ext=ext, caption=caption))
@@ -238,13 +243,29 @@ def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = Non
     cat = Catalog.load(catalog, missing_ok=True)
     from tqdm import tqdm
 
+    # write everything beside `out` first: a killed ingest leaves the old shards untouched
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-ingest-{out.name}-{uuid.uuid4().hex[:8]}"
+    all_sizes = {}
+    try:
+        for split, samples in raw.splits.items():
+            with tqdm(desc=f"ingest {split}", unit=" samples", disable=None) as bar:
+                all_sizes[split] = write_split(samples, tmp, split, shard_size, bar.update)
+            if not all_sizes[split]:
+                raise CurateError(f"ingest {source}: split '{split}' has no samples")
+        out.mkdir(exist_ok=True)
+        for split, sizes in all_sizes.items():
+            for old in out.glob(f"{split}-*.tar"):
+                if old.name not in sizes:
+                    old.unlink()
+            for shard in sizes:
+                os.replace(tmp / shard, out / shard)
+            update_sizes(out, sizes, prefix=split)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     splits = {}
-    for split, samples in raw.splits.items():
-        with tqdm(desc=f"ingest {split}", unit=" samples", disable=None) as bar:
-            sizes = write_split(samples, out, split, shard_size, bar.update)
-        if not sizes:
-            raise CurateError(f"ingest {source}: split '{split}' has no samples")
-        rel = os.path.relpath(out, cat.path.parent)
+    rel = os.path.relpath(out, cat.path.parent)
+    for split, sizes in all_sizes.items():
         splits[split] = f"{rel}/{shard_pattern(split, len(sizes))}"
     entry = DatasetEntry(
         description=raw.description, splits=splits, num_classes=raw.num_classes,

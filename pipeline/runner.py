@@ -4,8 +4,10 @@ stale when anything upstream changed, atomic outputs, `_stage.json` per unit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import platform
 import shutil
 import time
@@ -17,7 +19,7 @@ from . import __version__
 from .catalog import Catalog
 from .config import RunConfig, SelectSpec, load_config
 from .errors import CurateError
-from .fingerprint import stage_fingerprint
+from .fingerprint import hash_file, stage_fingerprint
 from .shards import write_text_atomic
 
 STAGE_FILE = "_stage.json"
@@ -118,7 +120,14 @@ class Runner:
         rec = self.record(unit)
         if rec is None:
             return "missing"
-        return "done" if rec["fingerprint"] == self.fingerprint(unit) else "stale"
+        if rec["fingerprint"] != self.fingerprint(unit):
+            return "stale"
+        # an upstream recomputed since (e.g. --force on a GPU, where outputs may differ) makes this stale too
+        for up, recorded in rec.get("upstream_outputs", {}).items():
+            up_rec = self.record(up)
+            if up_rec is None or up_rec.get("output_hash") != recorded:
+                return "stale"
+        return "done"
 
     # ------------------------------------------------------------ running
     def run(self, unit: str, force: bool = False) -> dict:
@@ -153,7 +162,8 @@ class Runner:
                "inputs": self.inputs(unit), "config": ctx.config, "resources": stage.resources,
                "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
                "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
-               "host": platform.node(), "pid": os.getpid(),
+               "host": platform.node(), "pid": os.getpid(), "output_hash": output_hash(tmp),
+               "upstream_outputs": {up: self.record(up)["output_hash"] for up in stage.upstream(self.cfg, sel)},
                "metrics": ctx.metrics}
         (tmp / STAGE_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n")
         _swap_into_place(tmp, final)
@@ -173,11 +183,21 @@ class Runner:
 
 
 def _clean_leftovers(final: Path) -> None:
-    """Remove temporary directories a killed run of this unit left behind."""
-    for p in final.parent.glob(f".tmp-{final.name}-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in final.parent.glob(f".old-{final.name}-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove temporary directories a killed run of this unit left behind (this unit's only:
+    `.tmp-cifar-*` must not match a concurrent `.tmp-cifar-big-*`)."""
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(final.name)}-[0-9a-f]{{8}}")
+    for p in final.parent.iterdir():
+        if pattern.fullmatch(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def output_hash(directory: Path) -> str:
+    """sha256 over the relative names and bytes of every output file (not _stage.json)."""
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != STAGE_FILE:
+            h.update(str(p.relative_to(directory)).encode() + b"\0" + hash_file(p).encode())
+    return h.hexdigest()
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:

@@ -191,7 +191,7 @@ class ShardWriter:
             self._close_shard()
             self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
             self._tmp = self.out_dir / f".{self._name}.tmp"
-            self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.GNU_FORMAT)  # long keys allowed
             self._count = 0
         for ext in sorted(members):
             data = members[ext]

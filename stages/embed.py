@@ -15,11 +15,13 @@ Also written, for the scores and the gradient-based selections:
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
 from pipeline.arrays import load_images
 from pipeline.errors import CurateError
+from pipeline.fingerprint import hash_file
 from pipeline.manifest import read_parquet
 from pipeline.stage import Stage, StageContext
 
@@ -32,10 +34,15 @@ def num_classes_of(entry, labels: np.ndarray) -> int:
     return entry.num_classes or int(labels.max()) + 1
 
 
+def pool_channels(ctx: StageContext) -> int:
+    """The training pool's channel count, which every split is converted to."""
+    return json.loads((ctx.input_dir("index") / "_stage.json").read_text())["metrics"]["channels"]
+
+
 def load_table_images(ctx: StageContext, table, image_size: int | None) -> np.ndarray:
     entry = ctx.catalog.entry(ctx.cfg.dataset)
     return load_images(table.column("shard").to_pylist(), table.column("offset").to_pylist(),
-                       entry.fields.image, image_size)
+                       entry.fields.image, image_size, channels=pool_channels(ctx))
 
 
 def load_index_arrays(ctx: StageContext, image_size: int | None, name: str = "index.parquet"):
@@ -58,6 +65,8 @@ class EmbedStage(Stage):
         c = {"seed": cfg.seed, **cfg.embed.model_dump(exclude=unused)}
         if cfg.embed.method == "open_clip":
             c["num_workers"] = cfg.embed.num_workers  # the loader needs it; harmless in the fingerprint
+            if c["pretrained"] and os.path.isfile(c["pretrained"]):
+                c["pretrained_sha256"] = hash_file(c["pretrained"])  # a replaced checkpoint makes embed stale
         return c
 
     def upstream(self, cfg, sel):

@@ -104,6 +104,7 @@ class IndexStage(Stage):
         ctx.metrics.update({"samples": train.num_rows, "val_samples": 0 if val is None else val.num_rows,
                             "skipped": scan.n_skipped, "skipped_samples": scan.skipped,
                             "image_shapes": sorted(list(s) for s in scan.shapes)[:10],
+                            "channels": max(1 if len(s) == 2 else s[2] for s in scan.shapes),
                             "classes": sorted(set(train.column("label").drop_null().to_pylist()))})
 
 

@@ -20,7 +20,7 @@ from pipeline.manifest import read_parquet
 from pipeline.shards import check_safe, decode_label, iter_shard
 from pipeline.stage import Stage, StageContext
 
-from .embed import load_index_arrays, load_table_images, num_classes_of
+from .embed import load_index_arrays, load_table_images, num_classes_of, pool_channels
 from .models import build_model
 from .selection import random_subset
 
@@ -40,7 +40,8 @@ def load_test_split(ctx: StageContext, image_size: int | None):
             shards.append(shard)
             offsets.append(sample.offset)
             labels.append(decode_label(sample.members[entry.fields.label], where=where))
-    return load_images(shards, offsets, entry.fields.image, image_size), np.asarray(labels, np.int64)
+    images = load_images(shards, offsets, entry.fields.image, image_size, channels=pool_channels(ctx))
+    return images, np.asarray(labels, np.int64)
 
 
 def training_sets(ctx: StageContext, n_full: int):

@@ -50,3 +50,19 @@ def test_auroc():
     assert auroc(np.array([1, 1, 1, 1]), np.array([0, 1, 0, 1])) == 0.5
     with pytest.raises(ValueError):
         auroc(np.array([1.0]), np.array([1]))
+
+
+def test_kmeans_recovers_planted_centres_and_prototype_distance():
+    from stages.scores.prototype import kmeans, prototype_distance
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 10
+    x = np.concatenate([c + rng.normal(size=(60, 6)) for c in centres])
+    got = kmeans(x, 4, seed=0)
+    d = np.linalg.norm(got[:, None] - centres[None], axis=-1)
+    assert sorted(d.argmin(1).tolist()) == [0, 1, 2, 3] and d.min(1).max() < 1.0  # centres are ~10 apart; sample means are ~0.3 off
+    np.testing.assert_array_equal(got, kmeans(x, 4, seed=0))
+    # an outlier far from every centre gets the largest prototype distance
+    y = np.concatenate([x, [[100.0, -100, 100, -100, 100, -100]]])
+    y = y - y.mean(0)
+    assert prototype_distance(y, 4, seed=0).argmax() == len(y) - 1

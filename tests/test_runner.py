@@ -87,3 +87,26 @@ def test_sigkill_leaves_nothing_and_rerun_matches_uninterrupted(make_runner, dig
     a, b = files_under(ref / "embed"), files_under(killed / "embed")
     assert sorted(a) == ["embeddings.json", "embeddings.npy", "grads.npy", "hnorm.npy", "probs.npy"]
     assert a == b
+
+
+def test_forced_upstream_with_new_output_makes_downstream_stale(make_runner, tmp_path):
+    r = make_runner(tmp_path / "run")
+    for u in ("index", "select/random-0.1", "materialize/random-0.1"):
+        r.run(u)
+    assert r.state("materialize/random-0.1") == "done"
+    rec = json.loads((tmp_path / "run" / "select" / "random-0.1" / "_stage.json").read_text())
+    rec["output_hash"] = "0" * 64  # as if a forced rerun had produced different bytes
+    (tmp_path / "run" / "select" / "random-0.1" / "_stage.json").write_text(json.dumps(rec))
+    assert r.state("select/random-0.1") == "done" and r.state("materialize/random-0.1") == "stale"
+    r.run("select/random-0.1", force=True)  # same seed, same bytes: downstream is fresh again
+    assert r.state("materialize/random-0.1") == "done"
+
+
+def test_leftover_cleanup_only_touches_its_own_unit(tmp_path):
+    from pipeline.runner import _clean_leftovers
+
+    (tmp_path / ".tmp-cifar-1a2b3c4d").mkdir()
+    (tmp_path / ".tmp-cifar-big-1a2b3c4d").mkdir()
+    (tmp_path / ".old-cifar-00ff00ff").mkdir()
+    _clean_leftovers(tmp_path / "cifar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-cifar-big-1a2b3c4d"]

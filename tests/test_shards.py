@@ -93,3 +93,11 @@ def test_writer_rejects_dotted_and_repeated_keys(tmp_path):
 def test_undecodable_image_names_sample():
     with pytest.raises(ShardError, match=r"sample 'z': image member .png does not decode"):
         decode_image(b"not a png", "png", where="sample 'z'")
+
+
+def test_long_keys_roundtrip(tmp_path):
+    key = "k" * 150
+    with ShardWriter(tmp_path, "t") as w:
+        w.write(key, {"cls": b"3"})
+    (s,) = list(iter_shard(tmp_path / "t-000000.tar"))
+    assert s.key == key and s.members == {"cls": b"3"}

@@ -40,9 +40,15 @@ def last_layer_hessian(probs: np.ndarray, feats: np.ndarray, block: int = 4096) 
 
 def influence_last_layer(probs: np.ndarray, labels: np.ndarray, feats: np.ndarray,
                          val_probs: np.ndarray, val_labels: np.ndarray, val_feats: np.ndarray,
-                         damping: float = 0.01) -> np.ndarray:
+                         damping: float = 0.01, max_bytes: int = 8 << 30) -> np.ndarray:
     """score_i = g_val^T (H + damping I)^{-1} g_i for every training sample, float64 [N]."""
     c = probs.shape[1]
+    dim = c * (feats.shape[1] + 1)
+    if 3 * dim * dim * 8 > max_bytes:
+        from pipeline.errors import CurateError
+
+        raise CurateError(f"score influence: the last-layer Hessian is {dim} x {dim} ({3 * dim * dim * 8 / 2**30:.1f} GiB "
+                          f"to build and solve); too large for {c} classes x {feats.shape[1]}-d features")
     hv = _aug(val_feats)
     rv = torch.tensor(np.asarray(val_probs), dtype=torch.float64)  # a copy: modified below
     rv[torch.arange(len(rv)), torch.as_tensor(val_labels)] -= 1.0

@@ -55,5 +55,7 @@ def knn_shapley(train_x, train_y, test_x, test_y, k: int = 10, *, block: int = 2
         diff = (match[:, :-1] - match[:, 1:]) * coef  # term i for i = 1 .. N-1
         s = match[:, -1:] / n + torch.flip(torch.cumsum(torch.flip(diff, [1]), 1), [1])
         s = torch.cat([s, match[:, -1:] / n], dim=1)  # s_1 .. s_N in sorted order
-        total.scatter_add_(0, order.reshape(-1), s.reshape(-1))
+        # each row of `order` is a permutation: un-sort per row, then sum in a fixed order
+        # (a scatter_add over all rows would use atomics on CUDA and vary in the last bits)
+        total += torch.empty_like(s).scatter_(1, order, s).sum(0)
     return (total / len(test_x)).cpu().numpy()

@@ -25,16 +25,26 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0, device="cpu
     c = torch.stack(cent)
     for _ in range(iters):
         assign = torch.cdist(xt, c).argmin(1)
-        sums = torch.zeros_like(c).index_add_(0, assign, xt)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+        sums, counts = _cluster_sums(xt, assign, k)
         c = torch.where(counts > 0, sums / counts.clamp(min=1), c)  # empty clusters keep their centre
     return c.cpu().numpy()
+
+
+def _cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, block: int = 65536):
+    """Per-cluster sums and counts via one-hot matmuls: deterministic on CPU and CUDA alike."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    counts = torch.zeros(k, 1, dtype=x.dtype, device=x.device)
+    for s in range(0, len(x), block):
+        oh = torch.nn.functional.one_hot(assign[s:s + block], k).to(x.dtype)
+        sums += oh.T @ x[s:s + block]
+        counts += oh.sum(0, keepdim=True).T
+    return sums, counts
 
 
 def prototype_distance(emb: np.ndarray, k: int, *, labels: np.ndarray | None = None, seed: int = 0,
                        device="cpu") -> np.ndarray:
     """Distance of each normalised embedding to its nearest centroid (per class if labels given)."""
-    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    x = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     groups = [np.arange(len(x))] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
     out = np.zeros(len(x), np.float32)
     for rows in groups:
