@@ -41,12 +41,13 @@ def curate_flow(run_dir: str, catalog: str) -> str:
     runner = Runner.from_run_dir(run_dir, catalog=catalog)
     sels = [s.sel_name for s in runner.cfg.select]
     index = _submit("index", run_dir, catalog, [])
-    embed = _submit("embed", run_dir, catalog, [index])
+    parts = [_submit(u, run_dir, catalog, [index]) for u in runner.units("embed_part")]  # mapped, if any
+    embed = _submit("embed", run_dir, catalog, [index, *parts])
     scores = [_submit(u, run_dir, catalog, [embed]) for u in runner.units("score")]  # none unless asked for
     selects = [_submit(f"select/{s}", run_dir, catalog, [embed, *scores]) for s in sels]
     mats = [_submit(f"materialize/{s}", run_dir, catalog, [f]) for s, f in zip(sels, selects)]
     verify = _submit("verify", run_dir, catalog, [embed, *mats])
-    results = [f.result() for f in [index, embed, *scores, *selects, *mats, verify]]
+    results = [f.result() for f in [index, *parts, embed, *scores, *selects, *mats, verify]]
     logger = get_run_logger()
     for r in results:
         logger.info("%s: %s %s", r["unit"], r["status"], r["fingerprint"][:12])

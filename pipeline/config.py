@@ -42,6 +42,7 @@ class EmbedConfig(Section):
     model: str = "ViT-B-32"
     pretrained: str | None = None  # an open_clip tag, a local checkpoint path, or None (random weights)
     num_workers: int = Field(2, ge=0)
+    shard_groups: int = Field(1, ge=1)  # >1: embed_part units the flow maps over workers
 
 
 Budget = StrictInt | StrictFloat

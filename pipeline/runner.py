@@ -23,7 +23,7 @@ from .fingerprint import hash_file, stage_fingerprint
 from .shards import write_text_atomic
 
 STAGE_FILE = "_stage.json"
-STAGE_ORDER = ["index", "embed", "score", "select", "materialize", "verify"]
+STAGE_ORDER = ["index", "embed_part", "embed", "score", "select", "materialize", "verify"]
 
 
 def _stages():

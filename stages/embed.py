@@ -59,7 +59,7 @@ class EmbedStage(Stage):
     def config(self, cfg, sel):
         """Only the settings the chosen method reads (num_workers changes no output)."""
         unused = ({"epochs", "seeds", "lr", "width", "image_size"} if cfg.embed.method == "open_clip"
-                  else {"model", "pretrained"}) | {"num_workers"}
+                  else {"model", "pretrained", "shard_groups"}) | {"num_workers"}
         if cfg.embed.method == "open_clip":
             unused.add("arch")
         c = {"seed": cfg.seed, **cfg.embed.model_dump(exclude=unused)}
@@ -70,7 +70,7 @@ class EmbedStage(Stage):
         return c
 
     def upstream(self, cfg, sel):
-        return ["index"]
+        return ["index", *part_units(cfg)]
 
     def run(self, ctx: StageContext) -> None:
         if ctx.config["method"] == "open_clip":
@@ -110,32 +110,95 @@ class EmbedStage(Stage):
                             "train_accuracy": float((final.argmax(1) == labels).mean())})
 
     def run_open_clip(self, ctx: StageContext) -> None:
-        from tqdm import tqdm
-
-        from .clip_embed import encode_images, encode_texts, load_clip
+        """Encode the pool (or concatenate the embed_part/<g> units that did) and the val split."""
+        from .clip_embed import load_clip
 
         c = ctx.config
-        model, preprocess, tokenizer = load_clip(c["model"], c["pretrained"], ctx.device)
-        parts = [("index.parquet", "embeddings.npy", "text_embeddings.npy"),
-                 ("val.parquet", "val_embeddings.npy", "val_text_embeddings.npy")]
+        model = preprocess = tokenizer = None
         meta = {"method": "open_clip", "model": c["model"], "pretrained": c["pretrained"], "dtype": "float16",
-                "normalised": True}
-        for table_name, img_out, txt_out in parts:
+                "normalised": True, "shard_groups": c["shard_groups"]}
+        for table_name, img_out, txt_out in (("index.parquet", "embeddings.npy", "text_embeddings.npy"),
+                                             ("val.parquet", "val_embeddings.npy", "val_text_embeddings.npy")):
             path = ctx.input_dir("index") / table_name
             if not path.exists():
                 continue
-            n = read_parquet(path, ["row"]).num_rows
-            with tqdm(total=n, desc=f"embed: open_clip {table_name}", unit=" img", disable=None) as bar:
-                emb = encode_images(model, preprocess, path, device=ctx.device, batch_size=c["batch_size"],
-                                    num_workers=c["num_workers"], progress=bar.update)
+            parts = part_units(ctx.cfg) if table_name == "index.parquet" else []
+            if parts:
+                emb = np.concatenate([np.load(ctx.input_dir(u) / "embeddings.npy") for u in parts])
+                has_txt = (ctx.input_dir(parts[0]) / "text_embeddings.npy").exists()
+                txt = np.concatenate([np.load(ctx.input_dir(u) / "text_embeddings.npy") for u in parts]) if has_txt else None
+            else:
+                if model is None:
+                    model, preprocess, tokenizer = load_clip(c["model"], c["pretrained"], ctx.device)
+                emb, txt = encode_table(model, preprocess, tokenizer, path, c, ctx.device)
             np.save(ctx.out / img_out, emb)
             meta[img_out] = list(emb.shape)
-            captions = read_parquet(path, ["caption"]).column("caption").to_pylist()
-            if any(cap is not None for cap in captions):
-                txt = encode_texts(model, tokenizer, [cap or "" for cap in captions], device=ctx.device,
-                                   batch_size=c["batch_size"])
-                txt[[cap is None for cap in captions]] = 0  # no caption: a zero vector, never a fake one
+            if txt is not None:
                 np.save(ctx.out / txt_out, txt)
                 meta[txt_out] = list(txt.shape)
         (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         ctx.metrics.update({"dim": meta["embeddings.npy"][1], "samples": meta["embeddings.npy"][0]})
+
+
+def encode_table(model, preprocess, tokenizer, path, c: dict, device):
+    """(image embeddings, text embeddings or None) of the rows of one parquet table."""
+    from tqdm import tqdm
+
+    from .clip_embed import encode_images, encode_texts
+
+    n = read_parquet(path, ["row"]).num_rows
+    with tqdm(total=n, desc=f"embed: open_clip {path.parent.name}/{path.name}", unit=" img", disable=None) as bar:
+        emb = encode_images(model, preprocess, path, device=device, batch_size=c["batch_size"],
+                            num_workers=c["num_workers"], progress=bar.update)
+    captions = read_parquet(path, ["caption"]).column("caption").to_pylist()
+    txt = None
+    if any(cap is not None for cap in captions):
+        txt = encode_texts(model, tokenizer, [cap or "" for cap in captions], device=device, batch_size=c["batch_size"])
+        txt[[cap is None for cap in captions]] = 0  # no caption: a zero vector, never a fake one
+    return emb, txt
+
+
+def part_units(cfg) -> list[str]:
+    """open_clip with shard_groups > 1: one embed_part unit per contiguous group of index rows."""
+    if cfg.embed.method != "open_clip" or cfg.embed.shard_groups < 2:
+        return []
+    return [f"embed_part/{g:03d}" for g in range(cfg.embed.shard_groups)]
+
+
+class EmbedPartStage(Stage):
+    """One group of the pool's rows (whole shards, in order), encoded by open_clip.
+
+    The flow maps these units over workers (Dask or threads); `embed` concatenates them.
+    """
+
+    name = "embed_part"
+    version = 1
+    resources = {"cpu": 1, "gpu": "optional"}
+
+    def units(self, cfg):
+        return part_units(cfg)
+
+    def config(self, cfg, sel):
+        return EmbedStage().config(cfg, sel)
+
+    def upstream(self, cfg, sel):
+        return ["index"]
+
+    def run(self, ctx: StageContext) -> None:
+        from pipeline.manifest import write_parquet
+
+        from .clip_embed import load_clip
+
+        c = ctx.config
+        g, groups = int(ctx.unit.split("/")[1]), c["shard_groups"]
+        index = read_parquet(ctx.input_dir("index") / "index.parquet")
+        rows = np.array_split(np.arange(index.num_rows), groups)[g]
+        part = index.slice(int(rows[0]), len(rows)) if len(rows) else index.slice(0, 0)
+        write_parquet(part, ctx.out / "rows.parquet", stage=self.name, stage_version=self.version,
+                      fingerprint=ctx.fingerprint)
+        model, preprocess, tokenizer = load_clip(c["model"], c["pretrained"], ctx.device)
+        emb, txt = encode_table(model, preprocess, tokenizer, ctx.out / "rows.parquet", c, ctx.device)
+        np.save(ctx.out / "embeddings.npy", emb)
+        if txt is not None:
+            np.save(ctx.out / "text_embeddings.npy", txt)
+        ctx.metrics.update({"rows": [int(rows[0]), int(rows[-1]) + 1] if len(rows) else [0, 0]})

@@ -1,10 +1,10 @@
 """The stages a run is made of, by name, in pipeline order."""
 
-from .embed import EmbedStage
+from .embed import EmbedPartStage, EmbedStage
 from .index import IndexStage
 from .materialize import MaterializeStage
 from .score import ScoreStage
 from .select import SelectStage
 from .verify import VerifyStage
 
-STAGES = {s.name: s for s in (IndexStage(), EmbedStage(), ScoreStage(), SelectStage(), MaterializeStage(), VerifyStage())}
+STAGES = {s.name: s for s in (IndexStage(), EmbedPartStage(), EmbedStage(), ScoreStage(), SelectStage(), MaterializeStage(), VerifyStage())}

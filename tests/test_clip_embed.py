@@ -29,18 +29,18 @@ def pets(tmp_path_factory):
     return root
 
 
-def run_embed(root, run_dir, pretrained=None):
+def run_embed(root, run_dir, pretrained=None, shard_groups=1):
     from pipeline.catalog import Catalog
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
     cfg = load_config({"run": str(run_dir), "dataset": "pets",
                        "embed": {"method": "open_clip", "model": MODEL, "pretrained": pretrained,
-                                 "batch_size": 8, "num_workers": 2}})
+                                 "batch_size": 8, "num_workers": 2, "shard_groups": shard_groups}})
     r = Runner(cfg, Catalog.load(root / "cat.yaml"))
     r.write_run_json()
-    r.run("index")
-    r.run("embed")
+    for unit in ["index", *r.units("embed_part"), "embed"]:
+        r.run(unit)
     return r
 
 
@@ -76,3 +76,22 @@ def test_missing_checkpoint_is_one_line_error(pets, tmp_path):
 
     with pytest.raises(CurateError, match="embed open_clip: cannot load model 'ViT-S-32'"):
         run_embed(pets, tmp_path / "run", pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_shard_groups_split_the_work_and_merge_in_row_order(pets, tmp_path):
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    whole = run_embed(pets, tmp_path / "one", pretrained=str(tmp_path / "clip.pt"))
+    split = run_embed(pets, tmp_path / "three", pretrained=str(tmp_path / "clip.pt"), shard_groups=3)
+    assert split.units("embed_part") == ["embed_part/000", "embed_part/001", "embed_part/002"]
+    keys = [pq.read_table(tmp_path / "three" / "embed_part" / f"{g:03d}" / "rows.parquet").column("key").to_pylist()
+            for g in range(3)]
+    assert [len(k) for k in keys] == [8, 8, 8]
+    assert sum(keys, []) == pq.read_table(tmp_path / "three" / "index" / "index.parquet").column("key").to_pylist()
+    for name in ("embeddings.npy", "text_embeddings.npy"):
+        a, b = (np.load(d / "embed" / name).astype(np.float32) for d in (tmp_path / "one", tmp_path / "three"))
+        np.testing.assert_allclose(a, b, atol=2e-3)
+    assert split.state("embed") == "done"
