@@ -63,6 +63,12 @@ def test_kmeans_recovers_planted_centres_and_prototype_distance():
     assert sorted(d.argmin(1).tolist()) == [0, 1, 2, 3] and d.min(1).max() < 1.0  # centres are ~10 apart; sample means are ~0.3 off
     np.testing.assert_array_equal(got, kmeans(x, 4, seed=0))
     # an outlier far from every centre gets the largest prototype distance
+    from stages.scores.prototype import faiss_kmeans
+
+    fc = faiss_kmeans(x, 4, seed=0)
+    if fc is not None:  # faiss is a test dependency: its centres match the planted ones too
+        fd = np.linalg.norm(fc[:, None] - centres[None], axis=-1)
+        assert sorted(fd.argmin(1).tolist()) == [0, 1, 2, 3] and fd.min(1).max() < 1.0
     y = np.concatenate([x, [[100.0, -100, 100, -100, 100, -100]]])
     y = y - y.mean(0)
     assert prototype_distance(y, 4, seed=0).argmax() == len(y) - 1

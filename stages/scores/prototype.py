@@ -1,11 +1,23 @@
 """Self-supervised prototype difficulty (Sorscher et al. 2022): distance to the nearest
-k-means centroid of L2-normalised embeddings (k-means in torch, on CPU or GPU).
+k-means centroid of L2-normalised embeddings. k-means runs in faiss when it is installed
+(and the data is on the CPU), else in torch on CPU or GPU.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def faiss_kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> np.ndarray | None:
+    """Centroids [k, D] from faiss, or None where faiss is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    km = faiss.Kmeans(x.shape[1], min(k, len(x)), niter=iters, seed=seed, verbose=False)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return km.centroids
 
 
 def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0, device="cpu") -> np.ndarray:
@@ -47,7 +59,10 @@ def prototype_distance(emb: np.ndarray, k: int, *, labels: np.ndarray | None = N
     x = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     groups = [np.arange(len(x))] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
     out = np.zeros(len(x), np.float32)
+    use_faiss = torch.device(device).type == "cpu"
     for rows in groups:
-        c = kmeans(x[rows], k, seed=seed, device=device)
+        c = faiss_kmeans(x[rows], k, seed=seed) if use_faiss else None
+        if c is None:
+            c = kmeans(x[rows], k, seed=seed, device=device)
         out[rows] = torch.cdist(torch.as_tensor(x[rows]), torch.as_tensor(c)).min(1).values.numpy()
     return out
