@@ -163,7 +163,7 @@ class Runner:
                "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
                "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
                "host": platform.node(), "pid": os.getpid(), "output_hash": output_hash(tmp),
-               "upstream_outputs": {up: self.record(up)["output_hash"] for up in stage.upstream(self.cfg, sel)},
+               "upstream_outputs": {up: self.record(up).get("output_hash") for up in stage.upstream(self.cfg, sel)},
                "metrics": ctx.metrics}
         (tmp / STAGE_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n")
         _swap_into_place(tmp, final)
