@@ -47,17 +47,16 @@ def load_test_split(ctx: StageContext, image_size: int | None):
 def training_sets(ctx: StageContext, n_full: int):
     """(name, kind, method, budget, rows or None, weights or None) per set to train."""
     yield "full", "full", "full", 1.0, None, None
-    sizes_with_random = set()
+    sizes_with_random, sizes = set(), []
     for spec in ctx.cfg.select:
-        d = ctx.input_dir(f"materialize/{spec.sel_name}")
-        manifest = read_parquet(d / "manifest.parquet")
+        manifest = read_parquet(ctx.input_dir(f"materialize/{spec.sel_name}") / "manifest.parquet")
         rows = manifest.column("row").to_numpy()
         yield spec.sel_name, "selection", spec.method, spec.budget, rows, manifest.column("weight").to_numpy()
+        sizes.append(len(rows))
         if spec.method == "random":
             sizes_with_random.add(len(rows))
     if ctx.config["random_baseline"]:
-        for spec in ctx.cfg.select:
-            k = read_parquet(ctx.input_dir(f"materialize/{spec.sel_name}") / "manifest.parquet", ["row"]).num_rows
+        for k in sizes:
             if k not in sizes_with_random:
                 sizes_with_random.add(k)
                 yield f"random-n{k}", "random", "random", k, random_subset(n_full, k, ctx.cfg.seed + 7919), None

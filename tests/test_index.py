@@ -34,16 +34,19 @@ def first_key(cat, i):
     return next(iter_shard(shard(cat, i))).key
 
 
-def damage_image(cat):
+def damage_first_of_shard1(cat, edit):
+    """Apply `edit(members) -> members` to the first sample of shard 1; return its key."""
     key = first_key(cat, 1)
-    rewrite_shard(shard(cat, 1), lambda k, m: (k, {**m, "png": b"garbage"} if k == key else m))
-    return key, "does not decode"
+    rewrite_shard(shard(cat, 1), lambda k, m: (k, edit(m) if k == key else m))
+    return key
+
+
+def damage_image(cat):
+    return damage_first_of_shard1(cat, lambda m: {**m, "png": b"garbage"}), "does not decode"
 
 
 def damage_label(cat):
-    key = first_key(cat, 1)
-    rewrite_shard(shard(cat, 1), lambda k, m: (k, {e: v for e, v in m.items() if e != "cls"} if k == key else m))
-    return key, "missing label member .cls"
+    return damage_first_of_shard1(cat, lambda m: {e: v for e, v in m.items() if e != "cls"}), "missing label member .cls"
 
 
 def damage_duplicate(cat):
@@ -54,15 +57,11 @@ def damage_duplicate(cat):
 
 
 def damage_pickle(cat):
-    key = first_key(cat, 1)
-    rewrite_shard(shard(cat, 1), lambda k, m: (k, {**m, "pyd": b"\x80\x04K\x01."} if k == key else m))
-    return key, "never unpickles"
+    return damage_first_of_shard1(cat, lambda m: {**m, "pyd": b"\x80\x04K\x01."}), "never unpickles"
 
 
 def damage_label_range(cat):
-    key = first_key(cat, 1)
-    rewrite_shard(shard(cat, 1), lambda k, m: (k, {**m, "cls": b"12"} if k == key else m))
-    return key, r"label 12 outside \[0, 10\)"
+    return damage_first_of_shard1(cat, lambda m: {**m, "cls": b"12"}), r"label 12 outside \[0, 10\)"
 
 
 @pytest.mark.parametrize("damage", [damage_image, damage_label, damage_duplicate, damage_pickle, damage_label_range])
