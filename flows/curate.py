@@ -44,7 +44,11 @@ def curate_flow(run_dir: str, catalog: str) -> str:
     parts = [_submit(u, run_dir, catalog, [index]) for u in runner.units("embed_part")]  # mapped, if any
     embed = _submit("embed", run_dir, catalog, [index, *parts])
     scores = [_submit(u, run_dir, catalog, [embed]) for u in runner.units("score")]  # none unless asked for
-    selects = [_submit(f"select/{s}", run_dir, catalog, [embed, *scores]) for s in sels]
+    by_name: dict = {}  # a spec's pool is an earlier selection, so list order is a valid order
+    for spec in runner.cfg.select:
+        after = [embed, *scores] + ([by_name[spec.pool]] if spec.pool else [])
+        by_name[spec.sel_name] = _submit(f"select/{spec.sel_name}", run_dir, catalog, after)
+    selects = list(by_name.values())
     mats = [_submit(f"materialize/{s}", run_dir, catalog, [f]) for s, f in zip(sels, selects)]
     verify = _submit("verify", run_dir, catalog, [embed, *mats])
     results = [f.result() for f in [index, *parts, embed, *scores, *selects, *mats, verify]]

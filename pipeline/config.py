@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
@@ -60,10 +60,23 @@ def check_budget(budget: Budget) -> Budget:
     return budget
 
 
+SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence")
+VALUE_SCORES = frozenset({"knn_shapley", "influence"})  # higher = more valuable, not harder
+VALIDATED_SCORES = frozenset({"knn_shapley", "influence"})
+
+
 class SelectSpec(Section):
-    method: Literal["random", "stratified"]
+    """One selection. Budget: a fraction of the training pool (index) or a count.
+
+    `pool` names an earlier selection of the run whose selected rows are the candidates
+    (e.g. craig after dedup); the budget still counts against the whole training pool, so
+    that verify compares subsets of equal size.
+    """
+
+    method: str
     budget: Budget
     name: str | None = None
+    pool: str | None = None
 
     _check = field_validator("budget")(classmethod(lambda cls, v: check_budget(v)))
 
@@ -75,8 +88,76 @@ class SelectSpec(Section):
         return self.model_dump(exclude={"name"})
 
 
-SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence")
-VALIDATED_SCORES = frozenset({"knn_shapley", "influence"})
+class RandomSpec(SelectSpec):
+    method: Literal["random"]
+
+
+class StratifiedSpec(SelectSpec):
+    method: Literal["stratified"]
+
+
+FEATURES = Literal["gradients", "bias_gradients", "embeddings"]  # last-layer grads, p - y, embed/embeddings.npy
+
+
+class CraigSpec(SelectSpec):
+    method: Literal["craig"]
+    features: FEATURES = "gradients"
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    optimizer: Literal["lazy", "stochastic"] = "stochastic"
+    eps: float = Field(0.01, gt=0, lt=1)  # stochastic greedy: (1 - 1/e - eps) in expectation
+    graph: Literal["auto", "dense", "sparse"] = "auto"
+    dense_max: int = Field(10000, ge=1)  # auto: a class larger than this gets the sparse k-NN graph
+    knn: int = Field(32, ge=1)
+    device: DEVICE = "auto"
+
+
+class GradMatchSpec(SelectSpec):
+    method: Literal["gradmatch"]
+    features: FEATURES = "gradients"
+    per: Literal["class", "batch"] = "class"
+    batch_size: int = Field(32, ge=1)  # per: batch
+    lam: float = Field(0.5, ge=0)  # ridge on the weights
+    tol: float = Field(1e-3, gt=0)  # stop when ||residual|| / ||target|| <= tol
+    device: DEVICE = "auto"
+
+
+class DifficultySpec(SelectSpec):
+    method: Literal["difficulty"]
+    score: Literal[SCORE_METHODS]
+    keep: Literal["hard", "easy", "auto"] = "hard"
+    class_balanced: bool = False
+    auto_threshold: float = Field(0.3, gt=0, le=1)  # auto: keep hard from this kept fraction up
+
+
+class CcsSpec(SelectSpec):
+    method: Literal["ccs"]
+    score: Literal[SCORE_METHODS]
+    beta: float = Field(0.1, ge=0, lt=1)  # hardest fraction pruned first
+    bins: int = Field(50, ge=1)
+
+
+class DedupSpec(SelectSpec):
+    method: Literal["dedup"]
+    budget: None = None  # keeps whatever is not a near-duplicate
+    eps: float = Field(0.05, gt=0, lt=2)  # drop when cosine similarity to a kept sample > 1 - eps
+    clusters: int | None = Field(None, ge=1)  # k-means clusters; default N // 1000
+    device: DEVICE = "auto"
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check(cls, v):  # replaces SelectSpec's budget check
+        if v is not None:
+            raise ValueError("dedup takes no budget: eps decides what it keeps (set a budget on a selection whose pool is this one)")
+        return v
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or f"dedup-eps{self.eps}"
+
+
+SPEC_TYPES = (RandomSpec, StratifiedSpec, CraigSpec, GradMatchSpec, DifficultySpec, CcsSpec, DedupSpec)
+SELECT_METHODS = tuple(c.model_fields["method"].annotation.__args__[0] for c in SPEC_TYPES)
+AnySpec = Annotated[Union[SPEC_TYPES], Field(discriminator="method")]
 
 
 class ScoreConfig(Section):
@@ -124,7 +205,7 @@ class RunConfig(Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
-    select: list[SelectSpec] = Field(default_factory=list)
+    select: list[AnySpec] = Field(default_factory=list)
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
@@ -157,6 +238,13 @@ class RunConfig(Section):
         bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
         if bad:
             raise ValueError(f"selection name {bad[0]!r} may only hold letters, digits and _ . + -")
+        for i, spec in enumerate(self.select):
+            if spec.pool is not None and spec.pool not in names[:i]:
+                raise ValueError(f"select.{i}.pool: '{spec.pool}' is not an earlier selection of this run "
+                                 f"(earlier: {', '.join(names[:i]) or 'none'})")
+            score = getattr(spec, "score", None)
+            if score is not None and score not in self.score.methods:
+                raise ValueError(f"select.{i}.score: '{score}' is not computed; add it to score.methods")
         return self
 
     def selection(self, name: str) -> SelectSpec:
@@ -226,6 +314,9 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        parts = list(err["loc"])
+        if len(parts) > 2 and parts[0] == "select" and parts[2] in SELECT_METHODS:
+            del parts[2]  # the union's tag: select.0.craig.eps reads select.0.eps
+        loc = "".join(f"{p}: " if i == len(parts) - 1 else f"{p}." for i, p in enumerate(parts))
         msg = err["msg"].removeprefix("Value error, ")
-        raise CurateError(f"config: {loc}: {msg}") from None
+        raise CurateError(f"config: {loc}{msg}") from None

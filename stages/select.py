@@ -2,18 +2,38 @@
 
 Every index row appears once, with `selected`, `weight` (1.0 for methods without
 weights), `rank` (selection order, null when not selected), `method` and `budget`.
+A spec with `pool: <other selection>` chooses among that selection's rows only (dedup
+first, then any method); its budget still counts against the whole index.
+
+Methods (kernels in stages.selection and stages.coresets):
+- random, stratified;
+- craig: per-class facility location with CRAIG weights;
+- gradmatch: non-negative OMP matching the per-class (or per-batch) gradient;
+- difficulty: the hardest / easiest by a score column (value scores count as
+  difficulty negated: low value = hard);
+- ccs: coverage-centric selection over score strata;
+- dedup: SemDeDup on the embeddings; its `budget` column holds the kept fraction.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline.config import VALUE_SCORES
 from pipeline.errors import CurateError
 from pipeline.manifest import SELECTION_FIELDS, read_parquet, write_parquet
 from pipeline.stage import Stage, StageContext
 
-from .selection import budget_count, random_subset, stratified_subset
+from .selection import budget_count, proportional_allocation, random_subset, stratified_subset
+
+log = logging.getLogger("curate.select")
 
 
 def label_array(table: pa.Table) -> np.ndarray:
@@ -45,37 +65,184 @@ def selection_table(index: pa.Table, rows: np.ndarray, weights: np.ndarray | Non
     return out
 
 
-METHODS = {
-    "random": lambda labels, k, seed: random_subset(len(labels), k, seed),
-    "stratified": stratified_subset,
-}
+@dataclass
+class Pool:
+    """The candidates of one selection (index rows, in row order) and lazy access to the
+    upstream arrays a method reads, restricted to those rows."""
+
+    ctx: StageContext
+    rows: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def where(self) -> str:
+        return f"select {self.ctx.sel.sel_name}"
+
+    def _load(self, name: str) -> np.ndarray:
+        path = self.ctx.input_dir("embed") / name
+        if not path.exists():
+            raise CurateError(f"{self.where}: needs embed/{name}, which embed.method "
+                              f"'{self.ctx.cfg.embed.method}' does not write (use embed.method: proxy or features: embeddings)")
+        x = np.load(path)[self.rows].astype(np.float32)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise CurateError(f"{self.where}: embed/{name} row {int(self.rows[np.flatnonzero(bad)[0]])} is NaN or infinite")
+        return x
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        return self._load("embeddings.npy")
+
+    def features(self, kind: str, device):
+        """Feature space for similarity / matching: last-layer gradients, p - y, or embeddings."""
+        from .coresets.features import last_layer, plain
+
+        if kind == "embeddings":
+            return plain(self.embeddings, device)
+        err = self._load("grads.npy")
+        return plain(err, device) if kind == "bias_gradients" else last_layer(err, self.embeddings, device)
+
+    def difficulty(self, score: str) -> np.ndarray:
+        """Higher = harder; value scores (knn_shapley, influence) are negated."""
+        table = read_parquet(self.ctx.input_dir("score") / "scores.parquet", [f"score_{score}"])
+        s = table.column(0).to_numpy().astype(np.float64)[self.rows]
+        bad = np.flatnonzero(~np.isfinite(s))
+        if len(bad):
+            raise CurateError(f"{self.where}: score_{score} of row {int(self.rows[bad[0]])} is NaN or infinite")
+        return -s if score in VALUE_SCORES else s
+
+    def class_alloc(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class ids per candidate, picks per class): budget split in proportion to class
+        size, at least one per non-empty class. Unlabelled pools are one class."""
+        if (self.labels < 0).all():
+            groups = np.zeros(len(self.labels), np.int64)
+        elif (self.labels < 0).any():
+            raise CurateError(f"{self.where}: per-class selection needs a label on every sample "
+                              f"(row {int(self.rows[np.flatnonzero(self.labels < 0)[0]])} has none)")
+        else:
+            groups = self.labels
+        return groups, proportional_allocation(np.bincount(groups), k)
+
+
+# Each method: (pool, spec, k, seed, device) -> (positions in the pool in selection order,
+# weights or None, metrics). k is None for dedup, which has no budget.
+def _random(pool, spec, k, seed, device):
+    return random_subset(len(pool.rows), k, seed), None, {}
+
+
+def _stratified(pool, spec, k, seed, device):
+    if (pool.labels < 0).any():
+        raise CurateError(f"{pool.where}: stratified needs labels; the dataset has unlabelled samples")
+    return stratified_subset(pool.labels, k, seed), None, {}
+
+
+def _craig(pool, spec, k, seed, device):
+    from .coresets.facility import craig
+
+    groups, alloc = pool.class_alloc(k)
+    pos, w, info = craig(pool.features(spec.features, device), groups, alloc, metric=spec.metric,
+                         optimizer=spec.optimizer, eps=spec.eps, graph=spec.graph, dense_max=spec.dense_max,
+                         knn=spec.knn, seed=seed)
+    for c in info["saturated"]:
+        log.warning("%s: class %d has fewer distinct feature vectors than its budget; "
+                    "later picks add nothing and tied samples share weight", pool.where, c)
+    return pos, w, info
+
+
+def _gradmatch(pool, spec, k, seed, device):
+    from .coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error
+
+    grads = pool.features(spec.features, device).dense().cpu().numpy()
+    if spec.per == "batch":
+        pos, w, info = gradmatch_per_batch(grads, k, batch_size=spec.batch_size, lam=spec.lam, tol=spec.tol,
+                                           seed=seed, device=device)
+    else:
+        groups, alloc = pool.class_alloc(k)
+        pos, w, info = gradmatch_per_class(grads, groups, alloc, lam=spec.lam, tol=spec.tol, seed=seed, device=device)
+    info["matching_error"] = matching_error(grads, pos, w)
+    return pos, w, info
+
+
+def _difficulty(pool, spec, k, seed, device):
+    from .coresets.pruning import difficulty_subset
+
+    labels = pool.labels if spec.class_balanced else None
+    if spec.class_balanced and (pool.labels < 0).any():
+        raise CurateError(f"{pool.where}: class_balanced needs a label on every sample")
+    pos, kept = difficulty_subset(pool.difficulty(spec.score), labels, k, keep=spec.keep,
+                                  class_balanced=spec.class_balanced, auto_threshold=spec.auto_threshold)
+    return pos, None, {"kept": kept}
+
+
+def _ccs(pool, spec, k, seed, device):
+    from .coresets.pruning import ccs_subset
+
+    return ccs_subset(pool.difficulty(spec.score), k, beta=spec.beta, bins=spec.bins, seed=seed), None, {}
+
+
+def _dedup(pool, spec, k, seed, device):
+    from .coresets.dedup import removed_per_class, semdedup
+
+    keep, _ = semdedup(pool.embeddings, eps=spec.eps, clusters=spec.clusters, seed=seed, device=device)
+    removed = removed_per_class(keep, pool.labels) if (pool.labels >= 0).all() else {}
+    return np.flatnonzero(keep), None, {"removed": int((~keep).sum()), "removed_per_class": removed}
+
+
+METHODS = {"random": _random, "stratified": _stratified, "craig": _craig, "gradmatch": _gradmatch,
+           "difficulty": _difficulty, "ccs": _ccs, "dedup": _dedup}
+NEEDS_EMBED = {"craig", "gradmatch", "dedup"}
+NEEDS_SCORE = {"difficulty", "ccs"}
 
 
 class SelectStage(Stage):
     name = "select"
-    version = 1
+    version = 2
     per_selection = True
-    resources = {"cpu": 1}
+    resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):
         return {"seed": cfg.seed, **sel.params()}
 
     def upstream(self, cfg, sel):
-        return ["index"]
+        ups = ["index"]
+        if sel.method in NEEDS_EMBED:
+            ups.append("embed")
+        if sel.method in NEEDS_SCORE:
+            ups.append("score")
+        if sel.pool:
+            ups.append(f"select/{sel.pool}")
+        return ups
 
     def run(self, ctx: StageContext) -> None:
         spec = ctx.sel
         index = read_parquet(ctx.input_dir("index") / "index.parquet")
         labels = label_array(index)
-        if spec.method == "stratified" and (labels < 0).any():
-            raise CurateError(f"select {spec.sel_name}: stratified needs labels; the dataset has unlabelled samples")
-        try:
-            k = budget_count(spec.budget, index.num_rows)
-        except CurateError as exc:
-            raise CurateError(f"select {spec.sel_name}: {exc}") from None
-        rows = METHODS[spec.method](labels, k, ctx.cfg.seed)
-        table = selection_table(index, rows, None, spec.method, spec.budget)
+        rows = np.arange(index.num_rows)
+        if spec.pool:
+            chosen = read_parquet(ctx.input_dir(f"select/{spec.pool}") / "selection.parquet", ["row", "selected"])
+            rows = chosen.filter(pc.field("selected")).column("row").to_numpy()
+        pool = Pool(ctx, np.sort(rows), labels[np.sort(rows)])
+        k = None
+        if spec.budget is not None:
+            try:
+                k = budget_count(spec.budget, index.num_rows)
+            except CurateError as exc:
+                raise CurateError(f"select {spec.sel_name}: {exc}") from None
+            if k > len(pool.rows):
+                raise CurateError(f"select {spec.sel_name}: budget {k} is larger than its pool "
+                                  f"'{spec.pool}' ({len(pool.rows)} samples)")
+        pos, weights, info = METHODS[spec.method](pool, spec, k, ctx.cfg.seed, ctx.device)
+        chosen_rows = pool.rows[np.asarray(pos, np.int64)]
+        budget = spec.budget if spec.budget is not None else len(chosen_rows) / index.num_rows
+        table = selection_table(index, chosen_rows, weights, spec.method, budget)
         write_parquet(table, ctx.out / "selection.parquet", stage=self.name, stage_version=self.version,
                       fingerprint=ctx.fingerprint, extra={"selection": spec.sel_name})
-        per_class = np.bincount(labels[rows][labels[rows] >= 0]).tolist() if (labels >= 0).any() else []
-        ctx.metrics.update({"selected": int(k), "of": index.num_rows, "per_class": per_class})
+        has_labels = (labels[chosen_rows] >= 0).any()
+        ctx.metrics.update({"selected": int(len(chosen_rows)), "of": index.num_rows, "pool": int(len(pool.rows)),
+                            "per_class": np.bincount(labels[chosen_rows][labels[chosen_rows] >= 0]).tolist() if has_labels else [],
+                            **json.loads(json.dumps(info, default=_plain))})
+
+
+def _plain(x):
+    """numpy scalars and arrays in metrics, as JSON."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)

@@ -1,0 +1,1 @@
+"""Coreset and pruning kernels: plain functions of arrays, used by the select stage."""
