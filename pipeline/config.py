@@ -141,6 +141,7 @@ class DedupSpec(SelectSpec):
     budget: None = None  # keeps whatever is not a near-duplicate
     eps: float = Field(0.05, gt=0, lt=2)  # drop when cosine similarity to a kept sample > 1 - eps
     clusters: int | None = Field(None, ge=1)  # k-means clusters; default N // 1000
+    center: bool = True  # subtract the mean embedding before cosine (see stages.coresets.dedup)
     device: DEVICE = "auto"
 
     @field_validator("budget", mode="before")

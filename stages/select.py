@@ -183,7 +183,8 @@ def _ccs(pool, spec, k, seed, device):
 def _dedup(pool, spec, k, seed, device):
     from .coresets.dedup import removed_per_class, semdedup
 
-    keep, _ = semdedup(pool.embeddings, eps=spec.eps, clusters=spec.clusters, seed=seed, device=device)
+    keep, _ = semdedup(pool.embeddings, eps=spec.eps, clusters=spec.clusters, seed=seed, device=device,
+                       center=spec.center)
     removed = removed_per_class(keep, pool.labels) if (pool.labels >= 0).all() else {}
     return np.flatnonzero(keep), None, {"removed": int((~keep).sum()), "removed_per_class": removed}
 

@@ -118,3 +118,14 @@ def test_errors():
             semdedup(emb, eps=eps)
     with pytest.raises(CurateError, match="clusters"):
         semdedup(emb, eps=0.01, clusters=0)
+
+
+def test_centring_keeps_one_orthant_features_apart():
+    """Non-negative features (ReLU outputs) all have high cosine; centred, only true copies do."""
+    rng = np.random.default_rng(0)
+    x = (np.abs(rng.normal(size=(1000, 16))) + 1).astype(np.float32)
+    x[900:] = x[:100] + rng.normal(size=(100, 16)).astype(np.float32) * 1e-4  # 100 planted copies
+    raw, _ = semdedup(x, eps=0.05, center=False)
+    centred, _ = semdedup(x, eps=0.05, center=True)
+    assert (~raw).sum() > 500  # most distinct samples would be thrown away
+    assert (~centred).sum() == 100 and (centred[:100] | centred[900:]).all()

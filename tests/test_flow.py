@@ -60,11 +60,14 @@ def test_flow_runs_then_is_fully_cached_with_report_artifact(prefect_server, dig
 def test_dask_local_cluster_gives_same_selection(prefect_server, digits_catalog, tmp_path):
     from flows.curate import run_flow
 
-    base = write_config(tmp_path / "a.yaml", tmp_path / "a")
-    dask = write_config(tmp_path / "b.yaml", tmp_path / "b", flow={"task_runner": "dask", "n_workers": 2})
+    # craig chooses from what dedup kept: on Dask too it must wait for that selection
+    select = [{"method": "random", "budget": 0.1}, {"method": "dedup", "eps": 0.001},
+              {"method": "craig", "budget": 0.1, "pool": "dedup-eps0.001"}]
+    base = write_config(tmp_path / "a.yaml", tmp_path / "a", select=select)
+    dask = write_config(tmp_path / "b.yaml", tmp_path / "b", select=select, flow={"task_runner": "dask", "n_workers": 2})
     run_flow(str(base), [], str(digits_catalog))
     run_flow(str(dask), [], str(digits_catalog))
-    for sel in ("random-0.1", "stratified-0.2"):
+    for sel in ("random-0.1", "dedup-eps0.001", "craig-0.1"):
         a = (tmp_path / "a" / "select" / sel / "selection.parquet").read_bytes()
         b = (tmp_path / "b" / "select" / sel / "selection.parquet").read_bytes()
         assert a == b

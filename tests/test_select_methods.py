@@ -18,9 +18,9 @@ from tests.conftest import fast_config
 from tests.test_index import rewrite_shard
 
 SELECT = [
-    {"method": "dedup", "eps": 0.0002},
+    {"method": "dedup", "eps": 0.0005},
     {"method": "craig", "budget": 0.1},
-    {"method": "craig", "budget": 0.1, "pool": "dedup-eps0.0002", "name": "craig-after-dedup", "optimizer": "lazy"},
+    {"method": "craig", "budget": 0.1, "pool": "dedup-eps0.0005", "name": "craig-after-dedup", "optimizer": "lazy"},
     {"method": "gradmatch", "budget": 0.1},
     {"method": "gradmatch", "budget": 0.1, "per": "batch", "batch_size": 8, "name": "gradmatch-pb"},
     {"method": "difficulty", "budget": 0.3, "score": "el2n", "keep": "hard", "class_balanced": True},
@@ -83,7 +83,7 @@ def table(runner, sel, name="selection.parquet", stage="select") -> dict:
 
 def test_dedup_finds_planted_copies_and_composes(selected, planted):
     _, copies = planted
-    t = table(selected, "dedup-eps0.0002")
+    t = table(selected, "dedup-eps0.0005")
     by_key = dict(zip(t["key"], t["selected"]))
     pairs = [(c, o) for c, o in copies.items() if c in by_key and o in by_key]  # some went to validation
     assert len(pairs) > 25
@@ -91,7 +91,7 @@ def test_dedup_finds_planted_copies_and_composes(selected, planted):
     assert pairs_hit >= 0.95 * len(pairs)
     others = [k for k in by_key if k not in copies and k not in set(copies.values())]
     assert sum(not by_key[k] for k in others) < 0.01 * len(others)
-    rec = selected.record("select/dedup-eps0.0002")["metrics"]
+    rec = selected.record("select/dedup-eps0.0005")["metrics"]
     assert rec["removed"] == (~t["selected"]).sum() and sum(rec["removed_per_class"].values()) == rec["removed"]
     after = table(selected, "craig-after-dedup")
     assert after["selected"].sum() == round(0.1 * len(t["selected"]))  # budget counts against the whole pool
@@ -151,10 +151,10 @@ def test_same_seed_same_bytes(selected, planted, tmp_path):
                                   score={"methods": ["el2n", "forgetting", "knn_shapley"]}, select=SELECT))
     again = Runner(cfg, Catalog.load(cat))
     again.write_run_json()
-    for unit in ("index", "embed", "score", "select/dedup-eps0.0002", "select/craig-after-dedup",
+    for unit in ("index", "embed", "score", "select/dedup-eps0.0005", "select/craig-after-dedup",
                  "select/craig-0.1", "select/gradmatch-0.1"):
         assert again.run(unit)["status"] == "computed"
-    for sel in ("dedup-eps0.0002", "craig-after-dedup", "craig-0.1", "gradmatch-0.1"):
+    for sel in ("dedup-eps0.0005", "craig-after-dedup", "craig-0.1", "gradmatch-0.1"):
         a, b = (r.run_dir / "select" / sel / "selection.parquet" for r in (selected, again))
         assert a.read_bytes() == b.read_bytes(), sel
 

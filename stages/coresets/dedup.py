@@ -63,29 +63,35 @@ def _dedup_ordered(x: torch.Tensor, thr: float, block: int = BLOCK) -> torch.Ten
     return keep
 
 
-def _unit_rows(emb: np.ndarray) -> np.ndarray:
+def _unit_rows(emb: np.ndarray, center: bool = False) -> np.ndarray:
     x = np.asarray(emb, dtype=np.float32)
     if x.ndim != 2:
         raise CurateError(f"semdedup: embeddings must be [N, D], got shape {x.shape}")
     bad = ~np.isfinite(x).all(1)
     if bad.any():
         raise CurateError(f"semdedup: embedding row {int(np.flatnonzero(bad)[0])} is NaN or infinite")
+    if center and len(x):
+        x = x - x.mean(0, dtype=np.float64).astype(np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     if (norm == 0).any():
-        raise CurateError(f"semdedup: embedding row {int(np.flatnonzero(norm[:, 0] == 0)[0])} has zero norm")
+        what = "equals the mean embedding" if center else "has zero norm"
+        raise CurateError(f"semdedup: embedding row {int(np.flatnonzero(norm[:, 0] == 0)[0])} {what}")
     return x / norm
 
 
 def semdedup(emb: np.ndarray, *, eps: float, clusters: int | None = None, seed: int = 0,
-             device="cpu") -> tuple[np.ndarray, np.ndarray]:
+             device="cpu", center: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """SemDeDup (Abbas et al. 2023): returns (keep bool [N], cluster id int64 [N]).
 
     eps in (0, 2): pairs with cosine similarity > 1 - eps are duplicates. `clusters` defaults to
     max(1, N // 1000); k-means runs in faiss when installed and device is the CPU, else in torch.
+    center: subtract the mean embedding first. Non-negative features (a proxy's ReLU outputs)
+    all sit in one orthant, where every cosine is high and a fixed eps removes far too much;
+    centred, cosines spread over [-1, 1] as they do for CLIP embeddings.
     """
     if not 0.0 < eps < 2.0:
         raise CurateError(f"semdedup: eps must be in (0, 2), got {eps}")
-    x = _unit_rows(emb)
+    x = _unit_rows(emb, center)
     n = len(x)
     if n == 0:
         return np.zeros(0, bool), np.zeros(0, np.int64)
