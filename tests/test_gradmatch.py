@@ -209,3 +209,10 @@ def test_bad_gradients_and_alloc_raise(clustered):
         gradmatch_per_class(g, labels, np.array([5, 5]))
     with pytest.raises(CurateError, match="batch_size must be >= 1"):
         gradmatch_per_batch(g, 10, batch_size=0)
+
+
+def test_identical_gradients_share_the_class_evenly():
+    grads = np.ones((300, 8), np.float32)
+    rows, w, info = gradmatch_per_class(grads, np.zeros(300, np.int64), np.array([30]))
+    assert len(set(rows.tolist())) == 30 and info["topped_up"] == 0
+    np.testing.assert_allclose(w, 10.0, rtol=2e-3)  # the ridge spreads the class over identical atoms
