@@ -76,7 +76,7 @@ def main() -> None:
           f"{len(rows)} picks, weights sum {w.sum():.0f} |", flush=True)
     if not a.skip_gradmatch:
         grads = x.cpu().numpy()
-        (rows_g, w_g, info_g), t, peak = timed(lambda: gradmatch_per_class(grads, y, alloc, lam=0.5, tol=1e-3,
+        (rows_g, w_g, info_g), t, peak = timed(lambda: gradmatch_per_class(grads, y, alloc,
                                                                             seed=0, device=device), device)
         err = matching_error(grads, rows_g, w_g)
         rnd = np.random.default_rng(0).choice(a.n, len(rows_g), replace=False)

@@ -4,7 +4,8 @@ on the proxy's last-layer gradients.
 
 Runs configs/fmnist-coresets.yaml (or --config) stage by stage through the runner, which
 caches: a rerun after a change recomputes only what changed. Ingests Fashion-MNIST from
-../shared/datasets into data/fashion-mnist first if the catalog's shards are missing.
+../shared/datasets into data/fashion-mnist (with its own catalog, data/bench_catalog.yaml)
+first if the repo catalog's fashion-mnist shards are missing.
 
     python bench/fmnist_coresets.py [--config configs/fmnist-coresets.yaml] [--set k=v ...]
 """
@@ -32,14 +33,20 @@ from stages.coresets.features import last_layer  # noqa: E402
 from stages.coresets.gradmatch import matching_error  # noqa: E402
 
 
-def ensure_fashion_mnist(catalog: Catalog, name: str, src: str) -> None:
+def fashion_mnist_catalog(name: str, src: str) -> Catalog:
+    """The repo's catalog where its entry's shards exist (`make fashion-mnist`); else shards
+    ingested into data/ with a catalog of their own there, leaving the tracked one alone."""
+    catalog = Catalog.load(str(ROOT / "data_catalog.yaml"))
     try:
         catalog.shards(name, "train")
         catalog.shards(name, "test")
+        return catalog
     except CurateError:
         from pipeline.ingest import ingest
 
-        ingest("idx", ROOT / "data" / "fashion-mnist", name, src=src, catalog=str(catalog.path))
+        private = ROOT / "data" / "bench_catalog.yaml"
+        ingest("idx", ROOT / "data" / "fashion-mnist", name, src=src, catalog=str(private))
+        return Catalog.load(str(private))
 
 
 def main() -> None:
@@ -50,9 +57,7 @@ def main() -> None:
     a = p.parse_args()
     os.chdir(ROOT)
     cfg = load_config(a.config, a.overrides)
-    catalog = Catalog.load(str(ROOT / "data_catalog.yaml"))
-    ensure_fashion_mnist(catalog, cfg.dataset, a.src)
-    runner = Runner(cfg, Catalog.load(str(catalog.path)))
+    runner = Runner(cfg, fashion_mnist_catalog(cfg.dataset, a.src))
     runner.write_run_json()
     for unit in runner.units():
         t0 = time.perf_counter()

@@ -116,7 +116,7 @@ class GradMatchSpec(SelectSpec):
     features: FEATURES = "gradients"
     per: Literal["class", "batch"] = "class"
     batch_size: int = Field(32, ge=1)  # per: batch
-    lam: float = Field(0.5, ge=0)  # ridge on the weights
+    lam: float = Field(0.05, ge=0)  # ridge on the weights, for gradients scaled to unit mean norm
     tol: float = Field(1e-3, gt=0)  # stop when ||residual|| / ||target|| <= tol
     device: DEVICE = "auto"
 

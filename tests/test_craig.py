@@ -122,3 +122,28 @@ def test_deterministic_for_a_seed():
     c = craig(plain(x), y, alloc, seed=4, graph="sparse", knn=8)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
+
+
+def test_saturation_is_reported_only_past_the_distinct_points_even_far_from_the_origin():
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(5, 8)).astype(np.float32) * 3 + 1000  # large norms, small distances
+    which = rng.integers(0, 5, 200)
+    y = np.zeros(200, np.int64)
+    rows, w, info = craig(plain(distinct[which]), y, np.array([5]))
+    assert info["saturated"] == [] and sorted(which[rows].tolist()) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(sorted(w), sorted(np.bincount(which)))  # one pick per distinct point
+    _, _, info = craig(plain(distinct[which]), y, np.array([8]))
+    assert info["saturated"] == [0]
+
+
+def test_unlabelled_pool_is_one_group_through_the_stage_helper():
+    from types import SimpleNamespace
+
+    from stages.select import Pool
+
+    ctx = SimpleNamespace(sel=SimpleNamespace(sel_name="craig-0.5"))
+    pool = Pool(ctx=ctx, rows=np.arange(6), labels=np.full(6, -1))
+    groups, alloc = pool.class_alloc(3)
+    assert groups.tolist() == [0] * 6 and alloc.tolist() == [3]
+    with pytest.raises(CurateError, match=r"select craig-0.5: per-class selection needs a label on every sample \(row 1"):
+        Pool(ctx=ctx, rows=np.arange(3), labels=np.array([0, -1, 1])).class_alloc(2)

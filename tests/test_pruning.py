@@ -128,3 +128,7 @@ def test_ccs_errors():
     d[3] = np.nan
     with pytest.raises(CurateError, match="row 3"):
         ccs_subset(d, 10)
+    d[3] = 0.5
+    d[7] = np.inf  # an infinite score would break the strata; it is named instead
+    with pytest.raises(CurateError, match="ccs: score is NaN or infinite at row 7"):
+        ccs_subset(d, 10)

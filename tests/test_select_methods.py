@@ -96,6 +96,9 @@ def test_dedup_finds_planted_copies_and_composes(selected, planted):
     after = table(selected, "craig-after-dedup")
     assert after["selected"].sum() == round(0.1 * len(t["selected"]))  # budget counts against the whole pool
     assert not (after["selected"] & ~t["selected"]).any()  # only rows dedup kept
+    kept = t["selected"]  # craig's weights stand for the class as the pool has it
+    np.testing.assert_allclose(np.bincount(after["label"][after["selected"]], weights=after["weight"][after["selected"]]),
+                               np.bincount(t["label"][kept]), rtol=1e-4)
 
 
 def test_craig_weights_cover_each_class(selected):

@@ -52,6 +52,16 @@ def _cosine(feats, a: slice, sq: torch.Tensor, other=None, sq_other=None) -> tor
     return (feats.gram(a, other) * inv_a[:, None] * inv_o[None, :]).add_(1).mul_(0.5).clamp_(0, 1)
 
 
+def _centred(feats, metric: str):
+    """Euclidean distances do not move with a shift: centring plain features first keeps
+    |x|^2 + |y|^2 - 2<x, y> from cancelling away the distance between nearby points."""
+    from .features import Plain
+
+    if metric == "euclidean" and isinstance(feats, Plain) and len(feats):
+        return Plain(feats.x - feats.x.mean(0, keepdim=True))
+    return feats
+
+
 def _blocks(n: int, block: int = BLOCK):
     for s in range(0, n, block):
         yield slice(s, min(n, s + block))
@@ -72,6 +82,7 @@ class DenseSimilarity:
             return cls(torch.cat([_cosine(feats, b, sq) for b in _blocks(n)]))
         d = torch.cat([_distances(feats, b, sq) for b in _blocks(n)])
         d = torch.minimum(d, d.T)  # exact symmetry despite rounding
+        d.fill_diagonal_(0)  # and an exact zero to itself
         return cls(d.max() - d)
 
     def gains(self, cand: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
@@ -114,9 +125,10 @@ class SparseSimilarity:
             nbr.append(i)
             val.append(v)
         nbr, val = torch.cat(nbr), torch.cat(val)
-        if metric != "cosine":
-            val = val.max() - val  # c - d with c the largest k-NN distance of the class
         src = torch.arange(n, device=nbr.device).repeat_interleave(k)
+        if metric != "cosine":
+            val = val.masked_fill(nbr == src.view(n, k), 0)  # an exact zero to itself
+            val = val.max() - val  # c - d with c the largest k-NN distance of the class
         col = nbr.reshape(-1)
         order = torch.argsort(col * n + src)  # by column, then row: a deterministic layout
         counts = torch.bincount(col, minlength=n)
@@ -157,6 +169,7 @@ def similarity(feats, metric: str, *, graph: str = "auto", dense_max: int = 1000
     """The class's similarity structure: dense below `dense_max` samples (graph=auto), else sparse k-NN."""
     if metric not in ("euclidean", "cosine"):
         raise CurateError(f"craig: metric must be euclidean or cosine, got {metric!r}")
+    feats = _centred(feats, metric)
     use_dense = graph == "dense" or (graph == "auto" and len(feats) <= dense_max)
     return DenseSimilarity.build(feats, metric) if use_dense else SparseSimilarity.build(feats, metric, knn)
 
@@ -220,16 +233,17 @@ def assignment_weights(feats, picks: np.ndarray, metric: str) -> np.ndarray:
     """CRAIG weights: how many samples each pick is the most similar pick for (exact, from
     the features, whatever graph the picks came from; a sample tied between picks splits
     its unit evenly, so all-identical features give equal weights)."""
+    feats = _centred(feats, metric)
     sel = feats.take(picks)
     sq, sq_sel = feats.sqnorms(), sel.sqnorms()
     w = torch.zeros(len(picks), dtype=torch.float64, device=sq.device)
-    for b in _blocks(len(feats)):
+    for b in _blocks(len(feats), max(1, min(BLOCK, (1 << 26) // max(len(picks), 1)))):
         if metric == "cosine":
             s = _cosine(feats, b, sq, sel, sq_sel)
         else:
             s = -_distances(feats, b, sq, sel, sq_sel)
-        tie = (s >= s.max(1, keepdim=True).values).double()
-        w += (tie / tie.sum(1, keepdim=True)).sum(0)
+        tie = (s >= s.max(1, keepdim=True).values).float()
+        w += (tie / tie.sum(1, keepdim=True)).sum(0, dtype=torch.float64)
     return w.float().cpu().numpy()
 
 
@@ -256,9 +270,9 @@ def craig(feats, labels: np.ndarray, alloc: np.ndarray, *, metric: str = "euclid
             raise CurateError(f"craig: optimizer must be lazy or stochastic, got {optimizer!r}")
         info["objective"][int(c)] = objective(sim, picks)
         info["graph"][int(c)] = "dense" if isinstance(sim, DenseSimilarity) else "sparse"
-        # every sample is its own most similar point, so F(all) = n * max s; reaching it early
-        # means the class has fewer distinct points than picks and later picks add nothing
-        if k < sim.n and info["objective"][int(c)] >= sim.n * sim.top() * (1 - 1e-6):
+        # every sample is its own most similar point, so F(all) = n * max s; reaching it before
+        # the last pick means the class has fewer distinct points than picks
+        if k > 1 and objective(sim, picks[:-1]) >= sim.n * sim.top() * (1 - 1e-6):
             info["saturated"].append(int(c))
         rows_out.append(members[picks])
         w_out.append(assignment_weights(f, picks, metric))

@@ -22,6 +22,7 @@ from pipeline.errors import CurateError
 
 _MAX_ROUNDS = 10  # greedy + NNLS rounds in omp_nonneg; each round bars the atoms NNLS dropped
 _PDAS_STEPS = 30  # primal-dual warm-start steps in _nnls_gram (0: plain Lawson-Hanson)
+MAX_SUPPORT = 32768  # atoms one OMP run holds (its k x k float64 factor is 8 GiB); the rest is topped up
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:
@@ -43,7 +44,8 @@ def _spd_solve(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return torch.cholesky_solve(h[:, None], chol)[:, 0]
-    return torch.linalg.lstsq(g, h[:, None]).solution[:, 0]
+    # singular (lam = 0 and dependent atoms): gelsd handles rank deficiency; CUDA's gels does not
+    return torch.linalg.lstsq(g.cpu(), h[:, None].cpu(), driver="gelsd").solution[:, 0].to(g.device)
 
 
 def _nnls_gram(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -118,16 +120,26 @@ class _Omp:
         self.b = torch.as_tensor(b_np, dtype=torch.float64, device=self.dev)
         self.bnorm = float(torch.linalg.vector_norm(self.b))
         n, d = a_np.shape
-        self.k = k
-        f64 = dict(dtype=torch.float64, device=self.dev)
+        self.k = min(k, MAX_SUPPORT)
         self.barred = torch.zeros(n, dtype=torch.bool, device=self.dev)  # picked or dropped
-        self.rows = torch.zeros(k, d, **f64)
-        self.linv = torch.zeros(k, k, **f64)  # L^-1, lower triangular
-        self.y = torch.zeros(k, **f64)  # L^-1 h
-        self.h = torch.zeros(k, **f64)  # rows @ b
+        self._alloc(min(self.k, 256), d)
         self.idx: list[int] = []
-        self.w = torch.zeros(0, **f64)
+        self.w = torch.zeros(0, dtype=torch.float64, device=self.dev)
         self.r = self.b.clone()
+
+    def _alloc(self, cap: int, d: int) -> None:
+        """(Re)allocate the support buffers for `cap` atoms, keeping what they hold: they grow
+        by doubling, so memory follows the support OMP actually reaches, not the budget."""
+        f64 = dict(dtype=torch.float64, device=self.dev)
+        old = getattr(self, "rows", None)
+        new = {"rows": torch.zeros(cap, d, **f64), "linv": torch.zeros(cap, cap, **f64),  # L^-1, lower triangular
+               "y": torch.zeros(cap, **f64), "h": torch.zeros(cap, **f64)}  # L^-1 h, rows @ b
+        if old is not None:
+            m = len(old)
+            new["rows"][:m] = self.rows
+            new["linv"][:m, :m] = self.linv
+            new["y"][:m], new["h"][:m] = self.y, self.h
+        self.rows, self.linv, self.y, self.h = new["rows"], new["linv"], new["y"], new["h"]
 
     @property
     def m(self) -> int:
@@ -139,6 +151,8 @@ class _Omp:
     def _add(self, j: int) -> bool:
         """Extend the factor of rows rows^T + lam I by atom j; False if j is (numerically) dependent."""
         m = self.m
+        if m == len(self.rows):
+            self._alloc(min(self.k, 2 * m), self.rows.shape[1])
         a = torch.as_tensor(self.a_np[j], dtype=torch.float64, device=self.dev)
         diag = float(a @ a) + self.lam
         li = self.linv[:m, :m]
@@ -206,7 +220,7 @@ class _Omp:
         self._solve()
 
 
-def omp_nonneg(A, b, k: int, *, lam: float = 0.5, tol: float = 1e-3,
+def omp_nonneg(A, b, k: int, *, lam: float = 0.05, tol: float = 1e-3,
                device="cpu") -> tuple[np.ndarray, np.ndarray, float]:
     """Non-negative OMP: sparse w >= 0 with A[idx].T @ w ~ b, ridge penalty lam ||w||^2.
 
@@ -251,20 +265,22 @@ def omp_nonneg(A, b, k: int, *, lam: float = 0.5, tol: float = 1e-3,
     return idx, w.cpu().numpy().astype(np.float32), res
 
 
-def _augment(g: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Atoms [g, s] and target [sum g, count * s]: matching the extra coordinate makes the
-    weights sum to about `count`. s is the mean gradient norm (1 if that is 0), so the
-    count coordinate weighs about as much as a typical gradient."""
+def _augment(g: np.ndarray, count: int, total: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms [g / s, 1] and target [total / s, count] (total defaults to sum g): matching the extra coordinate makes the
+    weights sum to about `count`. s is the mean gradient norm (1 if that is 0): atoms of
+    typical norm 1 make the count coordinate weigh like a typical gradient and make `lam`
+    mean the same whatever the gradients' scale (scaling both sides leaves w unchanged)."""
     s = float(np.sqrt(np.einsum("ij,ij->i", g, g, dtype=np.float64)).mean()) if len(g) else 0.0
     s = s if s > 0 else 1.0
     atoms = np.empty((len(g), g.shape[1] + 1), np.float32)
-    atoms[:, :-1] = g
-    atoms[:, -1] = s
-    target = np.append(g.sum(0, dtype=np.float64), count * s)
+    atoms[:, :-1] = g / s
+    atoms[:, -1] = 1.0
+    total = g.sum(0, dtype=np.float64) if total is None else np.asarray(total, np.float64)
+    target = np.append(total / s, float(count))
     return atoms, target
 
 
-def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray, *, lam: float = 0.5,
+def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray, *, lam: float = 0.05,
                         tol: float = 1e-3, seed: int = 0, device="cpu") -> tuple[np.ndarray, np.ndarray, dict]:
     """GRAD-MATCH per class: alloc[c] rows of class c whose weighted gradients match the class's sum.
 
@@ -278,13 +294,16 @@ def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray
     matches the gradient sum and the count together, and a class's weights sum to
     about n_c (classes keep their relative influence).
 
-    When OMP stops short (tolerance reached, or NNLS dropped atoms), the class is topped
-    up with random unpicked rows of weight 1.0, drawn with np.random.default_rng(seed),
-    so every class returns exactly alloc[c] rows. Order: class by class (ascending id),
-    within a class OMP pick order, then the top-ups.
+    When OMP stops short (tolerance reached, NNLS dropped atoms, or MAX_SUPPORT atoms held),
+    the class is topped up with random unpicked rows of weight 1.0, drawn with
+    np.random.default_rng(seed), so every class returns exactly alloc[c] rows. The class's
+    weights are then scaled to sum exactly to n_c, as CRAIG's do: random top-ups are
+    unbiased, so this keeps the class's mean gradient and its share of the total. Order:
+    class by class (ascending id), within a class OMP pick order, then the top-ups.
 
-    info: omp_selected (rows picked by OMP), topped_up (random top-ups), residual_per_class
-    {c: relative residual of the augmented (gradient, count) target}.
+    info: omp_selected (rows picked by OMP), topped_up (random top-ups), omp_per_class
+    {c: rows OMP picked}, residual_per_class {c: relative residual of the augmented
+    (gradient, count) target}.
     """
     grads, labels, alloc = np.asarray(grads), np.asarray(labels), np.asarray(alloc)
     if grads.ndim != 2 or labels.shape != (len(grads),):
@@ -301,7 +320,7 @@ def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray
                               if want > have else f"gradmatch: alloc for class {c} must be >= 0, got {want}")
     rng = np.random.default_rng(seed)
     out_rows, out_w = [], []
-    info = {"omp_selected": 0, "topped_up": 0, "residual_per_class": {}}
+    info = {"omp_selected": 0, "topped_up": 0, "omp_per_class": {}, "residual_per_class": {}}
     for c, want in enumerate(alloc.tolist()):
         if want == 0:
             continue
@@ -310,17 +329,19 @@ def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray
         idx, w, res = omp_nonneg(atoms, target, want, lam=lam, tol=tol, device=device)
         rest = np.setdiff1d(np.arange(len(members)), idx)
         extra = rng.choice(rest, want - len(idx), replace=False) if want > len(idx) else np.zeros(0, np.int64)
+        cw = np.concatenate([w, np.ones(len(extra), np.float32)]).astype(np.float64)
         out_rows += [members[idx], members[extra]]
-        out_w += [w, np.ones(len(extra), np.float32)]
+        out_w.append((cw * (len(members) / cw.sum())).astype(np.float32))
         info["omp_selected"] += len(idx)
         info["topped_up"] += len(extra)
+        info["omp_per_class"][c] = len(idx)
         info["residual_per_class"][c] = res
     if not out_rows:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), info
     return np.concatenate(out_rows).astype(np.int64), np.concatenate(out_w).astype(np.float32), info
 
 
-def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: float = 0.5, tol: float = 1e-3,
+def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: float = 0.05, tol: float = 1e-3,
                         seed: int = 0, device="cpu") -> tuple[np.ndarray, np.ndarray, dict]:
     """GRAD-MATCHPB: match the full gradient with weighted whole mini-batches, k rows in all.
 
@@ -333,6 +354,8 @@ def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: floa
     batch, since OMP weighed its mean). A shortfall is topped up with random unpicked whole
     batches, rows at weight 1.0. The list (OMP batches heaviest first, so a cut falls on the
     lightest, then top-ups) is cut to exactly k rows: only the last batch may be partial.
+    Row weights are then scaled to sum exactly to N (a uniform factor: the weighted mean
+    gradient the trainer follows is unchanged).
 
     info: omp_selected / topped_up (rows returned from each), omp_batches / topped_up_batches
     (batches contributing rows), residual (relative, of the augmented target).
@@ -354,8 +377,7 @@ def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: floa
     perm = rng.permutation(n)
     batches = [perm[s:s + batch_size] for s in range(0, n, batch_size)]
     means = np.stack([grads[bt].mean(0, dtype=np.float64) for bt in batches]).astype(np.float32)
-    atoms, target = _augment(means, len(batches))
-    target[:-1] = len(batches) * grads.mean(0, dtype=np.float64)
+    atoms, target = _augment(means, len(batches), total=len(batches) * grads.mean(0, dtype=np.float64))
     idx, w, res = omp_nonneg(atoms, target, math.ceil(k / batch_size), lam=lam, tol=tol, device=device)
     info["residual"] = res
     heavy = np.argsort(-w, kind="stable")  # heaviest first, so a cut falls on the lightest batch
@@ -373,7 +395,8 @@ def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: floa
         total += len(part)
         info["omp_selected" if by_omp else "topped_up"] += len(part)
         info["omp_batches" if by_omp else "topped_up_batches"] += 1
-    return np.concatenate(rows).astype(np.int64), np.concatenate(weights), info
+    weights = np.concatenate(weights).astype(np.float64)
+    return np.concatenate(rows).astype(np.int64), (weights * (n / weights.sum())).astype(np.float32), info
 
 
 def matching_error(grads: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> float:

@@ -18,9 +18,9 @@ def _check_scores(name: str, difficulty: np.ndarray, k: int) -> np.ndarray:
     d = np.asarray(difficulty, dtype=np.float64)
     if d.ndim != 1:
         raise CurateError(f"{name}: difficulty must be one score per sample, got shape {d.shape}")
-    nan = np.isnan(d)
-    if nan.any():
-        raise CurateError(f"{name}: score has NaN at row {int(np.flatnonzero(nan)[0])}")
+    bad = ~np.isfinite(d)
+    if bad.any():
+        raise CurateError(f"{name}: score is NaN or infinite at row {int(np.flatnonzero(bad)[0])}")
     if isinstance(k, bool) or not 1 <= k <= len(d):
         raise CurateError(f"{name}: budget {k} must be between 1 and the dataset size ({len(d)})")
     return d
