@@ -197,7 +197,7 @@ NEEDS_SCORE = {"difficulty", "ccs"}
 
 class SelectStage(Stage):
     name = "select"
-    version = 2
+    version = 3
     per_selection = True
     resources = {"cpu": 1, "gpu": "optional"}
 
