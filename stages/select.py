@@ -152,14 +152,15 @@ def _craig(pool, spec, k, seed, device):
 def _gradmatch(pool, spec, k, seed, device):
     from .coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error
 
-    grads = pool.features(spec.features, device).dense().cpu().numpy()
+    feats = pool.features(spec.features, device)  # per class, gradients are built one class at a time
     if spec.per == "batch":
+        grads = feats.dense().cpu().numpy()
         pos, w, info = gradmatch_per_batch(grads, k, batch_size=spec.batch_size, lam=spec.lam, tol=spec.tol,
                                            seed=seed, device=device)
     else:
         groups, alloc = pool.class_alloc(k)
-        pos, w, info = gradmatch_per_class(grads, groups, alloc, lam=spec.lam, tol=spec.tol, seed=seed, device=device)
-    info["matching_error"] = matching_error(grads, pos, w)
+        pos, w, info = gradmatch_per_class(feats, groups, alloc, lam=spec.lam, tol=spec.tol, seed=seed, device=device)
+    info["matching_error"] = matching_error(feats, pos, w)
     return pos, w, info
 
 

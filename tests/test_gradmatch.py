@@ -233,3 +233,16 @@ def test_identical_gradients_are_handled():
     # a strong ridge spreads the class evenly over identical atoms instead of stopping early
     rows, w, info = gradmatch_per_class(grads, np.zeros(300, np.int64), np.array([30]), lam=0.5)
     np.testing.assert_allclose(w, 10.0, rtol=1e-4)
+
+
+def test_factored_gradients_give_the_same_selection_class_by_class():
+    from stages.coresets.features import last_layer
+
+    rng = np.random.default_rng(0)
+    feats = last_layer(rng.normal(size=(600, 4)), rng.normal(size=(600, 6)))
+    labels = rng.integers(0, 3, 600)
+    dense = feats.dense().numpy()
+    a = gradmatch_per_class(dense, labels, np.array([10, 10, 10]))
+    b = gradmatch_per_class(feats, labels, np.array([10, 10, 10]))  # never builds all 600 x 28 at once
+    assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])
+    assert matching_error(feats, a[0], a[1], block=7) == pytest.approx(matching_error(dense, a[0], a[1]), rel=1e-9)

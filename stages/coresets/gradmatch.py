@@ -280,11 +280,24 @@ def _augment(g: np.ndarray, count: int, total: np.ndarray | None = None) -> tupl
     return atoms, target
 
 
-def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray, *, lam: float = 0.05,
+def _class_rows(grads, members: np.ndarray) -> np.ndarray:
+    """One class's gradients as an array: a slice of an array, or built from a factored
+    feature space (stages.coresets.features), so the full N x D matrix never has to exist."""
+    if isinstance(grads, np.ndarray):
+        return grads[members]
+    g = grads.take(members).dense().cpu().numpy()
+    bad = ~np.isfinite(g).all(1)
+    if bad.any():
+        raise CurateError(f"gradmatch: gradient row {int(members[np.flatnonzero(bad)[0]])} is NaN or infinite")
+    return g
+
+
+def gradmatch_per_class(grads, labels: np.ndarray, alloc: np.ndarray, *, lam: float = 0.05,
                         tol: float = 1e-3, seed: int = 0, device="cpu") -> tuple[np.ndarray, np.ndarray, dict]:
     """GRAD-MATCH per class: alloc[c] rows of class c whose weighted gradients match the class's sum.
 
-    grads [N, D] per-sample gradients (e.g. of the last layer), labels int64 [N] in 0..C-1,
+    grads: [N, D] per-sample gradients (e.g. of the last layer), or a feature space from
+    stages.coresets.features that builds them one class at a time; labels int64 [N] in 0..C-1,
     alloc int64 [C] rows to pick per class. Returns (rows int64 [sum(alloc)], weights
     float32, info).
 
@@ -305,11 +318,14 @@ def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray
     {c: rows OMP picked}, residual_per_class {c: relative residual of the augmented
     (gradient, count) target}.
     """
-    grads, labels, alloc = np.asarray(grads), np.asarray(labels), np.asarray(alloc)
-    if grads.ndim != 2 or labels.shape != (len(grads),):
-        raise CurateError(f"gradmatch: gradients must be [N, D] with N labels, got {grads.shape} and {labels.shape}")
+    labels, alloc = np.asarray(labels), np.asarray(alloc)
+    if isinstance(grads, np.ndarray):
+        if grads.ndim != 2 or labels.shape != (len(grads),):
+            raise CurateError(f"gradmatch: gradients must be [N, D] with N labels, got {grads.shape} and {labels.shape}")
+        _check_finite(grads, "gradient")
+    elif labels.shape != (len(grads),):
+        raise CurateError(f"gradmatch: {len(grads)} gradients but labels of shape {labels.shape}")
     _check_settings(lam, tol)
-    _check_finite(grads, "gradient")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(alloc)):
         raise CurateError(f"gradmatch: labels must be in 0..{len(alloc) - 1} (one alloc entry per class), "
                           f"got {int(labels.min())}..{int(labels.max())}")
@@ -325,7 +341,7 @@ def gradmatch_per_class(grads: np.ndarray, labels: np.ndarray, alloc: np.ndarray
         if want == 0:
             continue
         members = np.flatnonzero(labels == c)
-        atoms, target = _augment(grads[members], len(members))
+        atoms, target = _augment(_class_rows(grads, members), len(members))
         idx, w, res = omp_nonneg(atoms, target, want, lam=lam, tol=tol, device=device)
         rest = np.setdiff1d(np.arange(len(members)), idx)
         extra = rng.choice(rest, want - len(idx), replace=False) if want > len(idx) else np.zeros(0, np.int64)
@@ -399,12 +415,19 @@ def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: floa
     return np.concatenate(rows).astype(np.int64), (weights * (n / weights.sum())).astype(np.float32), info
 
 
-def matching_error(grads: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> float:
+def matching_error(grads, rows: np.ndarray, weights: np.ndarray, block: int = 65536) -> float:
     """|| sum_j w_j g_j / sum_j w_j - mean_i g_i ||: how far the weighted subset's mean gradient
-    (what weight-normalised training follows) is from the full data's mean gradient."""
-    g = np.asarray(grads)
+    (what weight-normalised training follows) is from the full data's mean gradient.
+    grads: an [N, D] array or a feature space (built a block of rows at a time)."""
     w = np.asarray(weights, np.float64)
+    rows = np.asarray(rows, np.int64)
     if len(rows) != len(w) or not w.sum() > 0:
         raise CurateError("gradmatch: matching_error needs one weight per row and a positive weight sum")
-    sub = w @ g[np.asarray(rows, np.int64)].astype(np.float64) / w.sum()
-    return float(np.linalg.norm(sub - g.mean(0, dtype=np.float64)))
+
+    def part(idx):
+        return _class_rows(grads, idx).astype(np.float64)
+
+    n = len(grads)
+    full = sum(part(np.arange(s, min(n, s + block))).sum(0) for s in range(0, n, block)) / n
+    sub = sum(w[s:s + block] @ part(rows[s:s + block]) for s in range(0, len(rows), block)) / w.sum()
+    return float(np.linalg.norm(sub - full))
