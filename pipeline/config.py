@@ -117,7 +117,7 @@ class GradMatchSpec(SelectSpec):
     per: Literal["class", "batch"] = "class"
     batch_size: int = Field(32, ge=1)  # per: batch
     lam: float = Field(0.05, ge=0)  # ridge on the weights, for gradients scaled to unit mean norm
-    tol: float = Field(1e-3, gt=0)  # stop when ||residual|| / ||target|| <= tol
+    tol: float = Field(1e-5, gt=0)  # stop when ||residual|| / ||target|| <= tol (small: OMP usually fills the budget)
     device: DEVICE = "auto"
 
 

@@ -220,7 +220,7 @@ class _Omp:
         self._solve()
 
 
-def omp_nonneg(A, b, k: int, *, lam: float = 0.05, tol: float = 1e-3,
+def omp_nonneg(A, b, k: int, *, lam: float = 0.05, tol: float = 1e-5,
                device="cpu") -> tuple[np.ndarray, np.ndarray, float]:
     """Non-negative OMP: sparse w >= 0 with A[idx].T @ w ~ b, ridge penalty lam ||w||^2.
 
@@ -293,7 +293,7 @@ def _class_rows(grads, members: np.ndarray) -> np.ndarray:
 
 
 def gradmatch_per_class(grads, labels: np.ndarray, alloc: np.ndarray, *, lam: float = 0.05,
-                        tol: float = 1e-3, seed: int = 0, device="cpu") -> tuple[np.ndarray, np.ndarray, dict]:
+                        tol: float = 1e-5, seed: int = 0, device="cpu") -> tuple[np.ndarray, np.ndarray, dict]:
     """GRAD-MATCH per class: alloc[c] rows of class c whose weighted gradients match the class's sum.
 
     grads: [N, D] per-sample gradients (e.g. of the last layer), or a feature space from
@@ -357,7 +357,7 @@ def gradmatch_per_class(grads, labels: np.ndarray, alloc: np.ndarray, *, lam: fl
     return np.concatenate(out_rows).astype(np.int64), np.concatenate(out_w).astype(np.float32), info
 
 
-def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: float = 0.05, tol: float = 1e-3,
+def gradmatch_per_batch(grads: np.ndarray, k: int, *, batch_size: int, lam: float = 0.05, tol: float = 1e-5,
                         seed: int = 0, device="cpu") -> tuple[np.ndarray, np.ndarray, dict]:
     """GRAD-MATCHPB: match the full gradient with weighted whole mini-batches, k rows in all.
 
