@@ -83,7 +83,7 @@ class Pool:
         if not path.exists():
             raise CurateError(f"{self.where}: needs embed/{name}, which embed.method "
                               f"'{self.ctx.cfg.embed.method}' does not write (use embed.method: proxy or features: embeddings)")
-        x = np.load(path)[self.rows].astype(np.float32)
+        x = np.load(path, mmap_mode="r")[self.rows].astype(np.float32)  # reads only the pool's rows
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             raise CurateError(f"{self.where}: embed/{name} row {int(self.rows[np.flatnonzero(bad)[0]])} is NaN or infinite")
