@@ -74,19 +74,15 @@ class Pool:
     rows: np.ndarray
     labels: np.ndarray
 
-    @property
-    def where(self) -> str:
-        return f"select {self.ctx.sel.sel_name}"
-
     def _load(self, name: str) -> np.ndarray:
         path = self.ctx.input_dir("embed") / name
         if not path.exists():
-            raise CurateError(f"{self.where}: needs embed/{name}, which embed.method "
+            raise CurateError(f"needs embed/{name}, which embed.method "
                               f"'{self.ctx.cfg.embed.method}' does not write (use embed.method: proxy or features: embeddings)")
         x = np.load(path, mmap_mode="r")[self.rows].astype(np.float32)  # reads only the pool's rows
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
-            raise CurateError(f"{self.where}: embed/{name} row {int(self.rows[np.flatnonzero(bad)[0]])} is NaN or infinite")
+            raise CurateError(f"embed/{name} row {int(self.rows[np.flatnonzero(bad)[0]])} is NaN or infinite")
         return x
 
     @cached_property
@@ -108,7 +104,7 @@ class Pool:
         s = table.column(0).to_numpy().astype(np.float64)[self.rows]
         bad = np.flatnonzero(~np.isfinite(s))
         if len(bad):
-            raise CurateError(f"{self.where}: score_{score} of row {int(self.rows[bad[0]])} is NaN or infinite")
+            raise CurateError(f"score_{score} of row {int(self.rows[bad[0]])} is NaN or infinite")
         return -s if score in VALUE_SCORES else s
 
     def class_alloc(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +113,7 @@ class Pool:
         if (self.labels < 0).all():
             groups = np.zeros(len(self.labels), np.int64)
         elif (self.labels < 0).any():
-            raise CurateError(f"{self.where}: per-class selection needs a label on every sample "
+            raise CurateError(f"per-class selection needs a label on every sample "
                               f"(row {int(self.rows[np.flatnonzero(self.labels < 0)[0]])} has none)")
         else:
             groups = self.labels
@@ -131,8 +127,6 @@ def _random(pool, spec, k, seed, device):
 
 
 def _stratified(pool, spec, k, seed, device):
-    if (pool.labels < 0).any():
-        raise CurateError(f"{pool.where}: stratified needs labels; the dataset has unlabelled samples")
     return stratified_subset(pool.labels, k, seed), None, {}
 
 
@@ -144,8 +138,8 @@ def _craig(pool, spec, k, seed, device):
                          optimizer=spec.optimizer, eps=spec.eps, graph=spec.graph, dense_max=spec.dense_max,
                          knn=spec.knn, seed=seed)
     for c in info["saturated"]:
-        log.warning("%s: class %d has fewer distinct feature vectors than its budget; "
-                    "later picks add nothing and tied samples share weight", pool.where, c)
+        log.warning("select %s: class %d has fewer distinct feature vectors than its budget; "
+                    "later picks add nothing and tied samples share weight", spec.sel_name, c)
     return pos, w, info
 
 
@@ -168,8 +162,6 @@ def _difficulty(pool, spec, k, seed, device):
     from .coresets.pruning import difficulty_subset
 
     labels = pool.labels if spec.class_balanced else None
-    if spec.class_balanced and (pool.labels < 0).any():
-        raise CurateError(f"{pool.where}: class_balanced needs a label on every sample")
     pos, kept = difficulty_subset(pool.difficulty(spec.score), labels, k, keep=spec.keep,
                                   class_balanced=spec.class_balanced, auto_threshold=spec.auto_threshold)
     return pos, None, {"kept": kept}
@@ -216,6 +208,12 @@ class SelectStage(Stage):
         return ups
 
     def run(self, ctx: StageContext) -> None:
+        try:
+            self._select(ctx)
+        except CurateError as exc:  # one place names the selection, for every method's errors
+            raise CurateError(f"select {ctx.sel.sel_name}: {exc}") from None
+
+    def _select(self, ctx: StageContext) -> None:
         spec = ctx.sel
         index = read_parquet(ctx.input_dir("index") / "index.parquet")
         labels = label_array(index)
@@ -226,12 +224,9 @@ class SelectStage(Stage):
         pool = Pool(ctx, np.sort(rows), labels[np.sort(rows)])
         k = None
         if spec.budget is not None:
-            try:
-                k = budget_count(spec.budget, index.num_rows)
-            except CurateError as exc:
-                raise CurateError(f"select {spec.sel_name}: {exc}") from None
+            k = budget_count(spec.budget, index.num_rows)
             if k > len(pool.rows):
-                raise CurateError(f"select {spec.sel_name}: budget {k} is larger than its pool "
+                raise CurateError(f"budget {k} is larger than its pool "
                                   f"'{spec.pool}' ({len(pool.rows)} samples)")
         pos, weights, info = METHODS[spec.method](pool, spec, k, ctx.cfg.seed, ctx.device)
         chosen_rows = pool.rows[np.asarray(pos, np.int64)]

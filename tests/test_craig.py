@@ -137,13 +137,9 @@ def test_saturation_is_reported_only_past_the_distinct_points_even_far_from_the_
 
 
 def test_unlabelled_pool_is_one_group_through_the_stage_helper():
-    from types import SimpleNamespace
-
     from stages.select import Pool
 
-    ctx = SimpleNamespace(sel=SimpleNamespace(sel_name="craig-0.5"))
-    pool = Pool(ctx=ctx, rows=np.arange(6), labels=np.full(6, -1))
-    groups, alloc = pool.class_alloc(3)
+    groups, alloc = Pool(ctx=None, rows=np.arange(6), labels=np.full(6, -1)).class_alloc(3)
     assert groups.tolist() == [0] * 6 and alloc.tolist() == [3]
-    with pytest.raises(CurateError, match=r"select craig-0.5: per-class selection needs a label on every sample \(row 1"):
-        Pool(ctx=ctx, rows=np.arange(3), labels=np.array([0, -1, 1])).class_alloc(2)
+    with pytest.raises(CurateError, match=r"per-class selection needs a label on every sample \(row 1"):
+        Pool(ctx=None, rows=np.arange(3), labels=np.array([0, -1, 1])).class_alloc(2)
