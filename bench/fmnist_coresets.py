@@ -24,29 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import CurateError  # noqa: E402
 from pipeline.manifest import read_parquet  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 from stages.coresets.features import last_layer  # noqa: E402
 from stages.coresets.gradmatch import matching_error  # noqa: E402
 
-
-def fashion_mnist_catalog(name: str, src: str) -> Catalog:
-    """The repo's catalog where its entry's shards exist (`make fashion-mnist`); else shards
-    ingested into data/ with a catalog of their own there, leaving the tracked one alone."""
-    catalog = Catalog.load(str(ROOT / "data_catalog.yaml"))
-    try:
-        catalog.shards(name, "train")
-        catalog.shards(name, "test")
-        return catalog
-    except CurateError:
-        from pipeline.ingest import ingest
-
-        private = ROOT / "data" / "bench_catalog.yaml"
-        ingest("idx", ROOT / "data" / "fashion-mnist", name, src=src, catalog=str(private))
-        return Catalog.load(str(private))
+from bench._fmnist import fashion_mnist_catalog  # noqa: E402
 
 
 def main() -> None:

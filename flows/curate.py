@@ -21,6 +21,7 @@ from prefect.states import Completed  # noqa: E402
 from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
+from stages.report import table_rows  # noqa: E402
 
 
 @task(retries=0, persist_result=False)
@@ -56,9 +57,8 @@ def curate_flow(run_dir: str, catalog: str) -> str:
     for r in results:
         logger.info("%s: %s %s", r["unit"], r["status"], r["fingerprint"][:12])
     report = json.loads((Path(run_dir) / "verify" / "report.json").read_text())
-    create_table_artifact(key="curate-report", table=[
-        {k: r[k] for k in ("name", "method", "budget", "samples", "acc_mean", "acc_std", "rel_error", "train_seconds", "speedup")}
-        for r in report["rows"]], description=f"verification on {report['dataset']}")
+    create_table_artifact(key="curate-report", table=table_rows(report),
+                          description=f"verification on {report['dataset']}")
     create_markdown_artifact(key="curate-report-md", markdown=(Path(run_dir) / "verify" / "report.md").read_text())
     return str(Path(run_dir) / "verify" / "report.md")
 

@@ -6,6 +6,8 @@ Every user-fixable problem ends in one line on stderr and exit code 1.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -93,8 +95,8 @@ def status(run_dir: Path = typer.Option(..., "--run"), catalog: Optional[str] = 
 
 @app.command()
 def report(run_dir: Path = typer.Option(..., "--run")):
-    """Rewrite verify/report.md from report.json and print it."""
-    from stages.verify import render_markdown
+    """Rewrite verify/report.md and the PNG plots from report.json, and print the table."""
+    from stages.report import plot_report, render_markdown
 
     path = run_dir / "verify" / "report.json"
     if not path.exists():
@@ -106,6 +108,9 @@ def report(run_dir: Path = typer.Option(..., "--run")):
     from .shards import write_text_atomic
 
     write_text_atomic(run_dir / "verify" / "report.md", md)
+    with tempfile.TemporaryDirectory(dir=run_dir / "verify") as tmp:
+        for name in plot_report(json.loads(path.read_text()), Path(tmp)):
+            os.replace(Path(tmp) / name, run_dir / "verify" / name)
     typer.echo(md)
 
 

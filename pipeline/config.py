@@ -22,6 +22,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def expand_budgets(v):
+    """One spec or a list; a spec whose budget is a list becomes one spec per budget."""
+    specs = v if isinstance(v, list) else [v]
+    out = []
+    for spec in specs:
+        if isinstance(spec, dict) and isinstance(spec.get("budget"), list):
+            if spec.get("name"):
+                raise ValueError("a spec with a list of budgets cannot set one 'name'")
+            out += [{**spec, "budget": b} for b in spec["budget"]]
+        else:
+            out.append(spec)
+    return out
+
+
 class IndexConfig(Section):
     on_error: Literal["raise", "skip"] = "raise"
     # held out of train when a validated score needs it and the catalog has no `val` split
@@ -182,16 +196,75 @@ class MaterializeConfig(Section):
     shard_size: int = Field(10000, ge=1)
 
 
+ONLINE_METHODS = ("craig", "gradmatch", "crest", "adaselection", "uniform", "big_loss", "small_loss", "grad_norm",
+                  "adaboost", "coreset_center", "coreset_cover")
+
+
+class OnlineSpec(Section):
+    """Selection during training, run inside verify's trainer (stages.online).
+
+    `budget` is the fraction of the training set backpropagated per epoch (a list
+    expands like select's). craig / gradmatch are the adaptive variants: full-data warm
+    start, then re-selection every `every` epochs from the current model's gradients.
+    """
+
+    method: Literal[ONLINE_METHODS]
+    budget: StrictFloat
+    name: str | None = None
+    kappa: float = Field(0.5, ge=0, le=1)  # craig / gradmatch: warm start (see stages.online.adaptive)
+    every: int = Field(5, ge=1)  # craig / gradmatch: epochs between re-selections
+
+    @field_validator("budget")
+    @classmethod
+    def _fraction(cls, v):
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"budget {v} is out of range: an online budget is a fraction in (0, 1]")
+        return v
+
+    @property
+    def sel_name(self) -> str:
+        prefix = "adaptive-" if self.method in ("craig", "gradmatch") else ""
+        return self.name or f"{prefix}{self.method}-{self.budget}"
+
+
 class VerifyConfig(Section):
-    recipe: Literal["small_cnn"] = "small_cnn"
-    epochs: int = Field(10, ge=1)
-    seeds: int = Field(1, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    width: int = Field(32, ge=4)
+    """The fixed training protocol every training set gets (defaults: the DD ConvNet recipe)."""
+
+    recipe: Literal["convnet3", "resnet18", "mlp", "small_cnn"] = "convnet3"
+    epochs: int = Field(20, ge=1)
+    seeds: int = Field(3, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[int] | None = None  # step: epochs where lr is multiplied by gamma (default: half-way)
+    gamma: float = Field(0.1, gt=0, le=1)
+    augment: Literal["none", "crop_flip"] = "none"
+    bf16: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    width: int | None = Field(None, ge=4)  # default: the recipe's own
     image_size: int | None = Field(None, ge=4)
     random_baseline: bool = True
+    online: list[OnlineSpec] = Field(default_factory=list)
     device: DEVICE = "auto"
+
+    @field_validator("online", mode="before")
+    @classmethod
+    def _expand(cls, v):
+        return expand_budgets(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for m in self.milestones or []:
+            if not 0 < m < self.epochs:
+                raise ValueError(f"milestone {m} is outside the training (1..{self.epochs - 1})")
+        names = [s.sel_name for s in self.online]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"online names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
+        return self
 
 
 class FlowConfig(Section):
@@ -219,20 +292,14 @@ class RunConfig(Section):
     @field_validator("select", mode="before")
     @classmethod
     def _expand(cls, v):
-        specs = v if isinstance(v, list) else [v]
-        out = []
-        for spec in specs:
-            if isinstance(spec, dict) and isinstance(spec.get("budget"), list):
-                if spec.get("name"):
-                    raise ValueError("a spec with a list of budgets cannot set one 'name'")
-                out += [{**spec, "budget": b} for b in spec["budget"]]
-            else:
-                out.append(spec)
-        return out
+        return expand_budgets(v)
 
     @model_validator(mode="after")
     def _unique_names(self):
         names = [s.sel_name for s in self.select]
+        clash = sorted(set(names) & {s.sel_name for s in self.verify.online})
+        if clash:
+            raise ValueError(f"verify.online name {clash[0]!r} is also a selection's name (set 'name' on one)")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"selection names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
@@ -261,7 +328,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "embed": {"method": "proxy", "epochs": 5},
     "select": [{"method": "stratified", "budget": [0.1, 0.3]}],
-    "verify": {"epochs": 15, "seeds": 2},
+    "verify": {"epochs": 15, "seeds": 2, "batch_size": 64, "lr": 0.05},
 }
 
 

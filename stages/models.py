@@ -57,7 +57,51 @@ class ResNet18(nn.Module):
         return self.head(self.body(x))
 
 
-RECIPES = {"small_cnn": SmallCNN, "resnet18": ResNet18}
+class ConvNet3(nn.Module):
+    """The dataset-distillation ConvNet: 3 x (conv 3x3, instance norm, ReLU, avg-pool 2), linear head.
+
+    Instance norm (GroupNorm with one group per channel) has no batch statistics, so a
+    weighted subset trains like its samples repeated and a tiny synthetic set trains
+    like a big one. `features(x)` is the flattened last block (128 x 3 x 3 at 28 px).
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 128, depth: int = 3):
+        super().__init__()
+        c, h, w = in_shape
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            c, h, w = width, h // 2, w // 2
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(width * h * w, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class MLP(nn.Module):
+    """Two hidden ReLU layers on flattened inputs: for embedding vectors (or tiny images)."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 256):
+        super().__init__()
+        d = int(torch.tensor(in_shape).prod())
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(d, width), nn.ReLU(inplace=True),
+                                  nn.Linear(width, width), nn.ReLU(inplace=True))
+        self.head = nn.Linear(width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+RECIPES = {"small_cnn": SmallCNN, "resnet18": ResNet18, "convnet3": ConvNet3, "mlp": MLP}
+DEFAULT_WIDTH = {"small_cnn": 32, "resnet18": 64, "convnet3": 128, "mlp": 256}
 
 
 def proxy_arch(arch: str, image_hw: int) -> str:
@@ -67,5 +111,9 @@ def proxy_arch(arch: str, image_hw: int) -> str:
     return "resnet18" if image_hw >= 32 else "small_cnn"
 
 
-def build_model(recipe: str, in_channels: int, num_classes: int, width: int = 32) -> nn.Module:
-    return RECIPES[recipe](in_channels, num_classes, width=width)
+def build_model(recipe: str, in_shape: tuple[int, ...], num_classes: int, width: int | None = None) -> nn.Module:
+    """A recipe's network for inputs of shape `in_shape` ([C, H, W] images or [D] features)."""
+    width = width or DEFAULT_WIDTH[recipe]
+    if recipe in ("small_cnn", "resnet18"):
+        return RECIPES[recipe](in_shape[0], num_classes, width=width)
+    return RECIPES[recipe](tuple(in_shape), num_classes, width=width)

@@ -27,7 +27,7 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, *, num_classes: int, epo
     seconds, first = 0.0, None
     for s in range(seeds):
         torch.manual_seed(seed + s)
-        model = build_model(arch, images.shape[1], num_classes, width=width)
+        model = build_model(arch, images.shape[1:], num_classes, width=width)
 
         def record(epoch: int, s=s, model=model):
             h, p = features_and_probs(model, images, device=device)

@@ -1,20 +1,24 @@
-"""verify: train one fixed recipe on full data and on each subset; compare on the test split.
+"""verify: one fixed, fair protocol over every training set of the run; compare on the test split.
 
 Training sets: the full training split, every materialized selection (weighted loss
-from its manifest), and a random subset of the same size for each non-random
-selection. Each is trained over `seeds` seeds; report.json / report.md give test
-accuracy (mean, std), relative error vs full (subset error - full error) and the
-training speed-up (full training seconds / subset training seconds).
+from its manifest), a random subset of every budget in the run, and every online
+method of `verify.online` (selection inside the trainer). Each gets the same recipe,
+epochs and seeds; report.json / report.md / PNG plots give test accuracy (mean, std),
+relative error vs full data (subset error - full error), training and end-to-end
+speed-up (curation cost from the stages' own `_stage.json` records) and, on a GPU
+with NVML, the training energy ratio.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.arrays import load_images
+from pipeline.energy import EnergyMeter
 from pipeline.errors import CurateError, ShardError
 from pipeline.manifest import read_parquet
 from pipeline.shards import check_safe, decode_label, iter_shard
@@ -22,6 +26,7 @@ from pipeline.stage import Stage, StageContext
 
 from .embed import load_index_arrays, load_table_images, num_classes_of, pool_channels
 from .models import build_model
+from .report import plot_report, render_markdown
 from .selection import random_subset
 
 
@@ -44,22 +49,65 @@ def load_test_split(ctx: StageContext, image_size: int | None):
     return images, np.asarray(labels, np.int64)
 
 
-def training_sets(ctx: StageContext, n_full: int):
-    """(name, kind, method, budget, rows or None, weights or None) per set to train."""
-    yield "full", "full", "full", 1.0, None, None
+@dataclass
+class TrainingSet:
+    """One row of the comparison: what to train on and what it cost to choose."""
+    name: str
+    kind: str  # full | selection | random | online
+    method: str
+    budget: float | int
+    rows: np.ndarray | None = None  # None: the whole training split
+    weights: np.ndarray | None = None
+    online: object = None  # an OnlineSpec
+    curation: dict | None = None  # stage unit -> wall seconds
+
+
+def stage_seconds(ctx: StageContext, unit: str) -> float:
+    rec = ctx.input_dir(unit) / "_stage.json"
+    return float(json.loads(rec.read_text()).get("wall_seconds") or 0.0) if rec.exists() else 0.0
+
+
+def curation_units(cfg, spec) -> list[str]:
+    """Every unit a selection's rows depend on, except index (shared by all, full data too)."""
+    from .select import SelectStage
+
+    units, todo = [], [f"select/{spec.sel_name}"]
+    while todo:
+        unit = todo.pop()
+        if unit in units or unit == "index":
+            continue
+        units.append(unit)
+        if unit.startswith("select/"):
+            todo += SelectStage().upstream(cfg, cfg.selection(unit.split("/", 1)[1]))
+        elif unit == "embed" and cfg.embed.shard_groups > 1:
+            from .embed import part_units
+
+            todo += part_units(cfg)
+    return sorted(units)
+
+
+def training_sets(ctx: StageContext, n_full: int) -> list[TrainingSet]:
+    sets = [TrainingSet("full", "full", "full", 1.0, curation={})]
     sizes_with_random, sizes = set(), []
     for spec in ctx.cfg.select:
         manifest = read_parquet(ctx.input_dir(f"materialize/{spec.sel_name}") / "manifest.parquet")
         rows = manifest.column("row").to_numpy()
-        yield spec.sel_name, "selection", spec.method, spec.budget, rows, manifest.column("weight").to_numpy()
+        cost = {u: stage_seconds(ctx, u) for u in curation_units(ctx.cfg, spec)}
+        sets.append(TrainingSet(spec.sel_name, "selection", spec.method, spec.budget, rows,
+                                manifest.column("weight").to_numpy(), curation=cost))
         sizes.append(len(rows))
         if spec.method == "random":
             sizes_with_random.add(len(rows))
+    for spec in ctx.config["online"]:
+        sets.append(TrainingSet(spec["sel_name"], "online", spec["label"], spec["budget"], online=spec, curation={}))
+        sizes.append(max(1, int(round(spec["budget"] * n_full))))
     if ctx.config["random_baseline"]:
         for k in sizes:
             if k not in sizes_with_random:
                 sizes_with_random.add(k)
-                yield f"random-n{k}", "random", "random", k, random_subset(n_full, k, ctx.cfg.seed + 7919), None
+                sets.append(TrainingSet(f"random-n{k}", "random", "random", k,
+                                        random_subset(n_full, k, ctx.cfg.seed + 7919), curation={}))
+    return sets
 
 
 def subset_images(ctx: StageContext, sel_name: str, image_size):
@@ -70,28 +118,81 @@ def subset_images(ctx: StageContext, sel_name: str, image_size):
     return load_table_images(ctx, m, image_size)
 
 
-def render_markdown(report: dict) -> str:
-    lines = [f"# curate verification: {report['dataset']}", "",
-             f"Recipe `{report['recipe']}`, {report['epochs']} epochs, {report['seeds']} seed(s), "
-             f"test split of {report['test_samples']} samples, device {report['device']}.", "",
-             "| training set | method | budget | samples | test acc (%) | rel. error (pp) | train time (s) | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['name']} | {r['method']} | {r['budget']} | {r['samples']} | "
-                     f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {100 * r['rel_error']:+.2f} | "
-                     f"{r['train_seconds']:.2f} | {r['speedup']:.1f}x |")
-    lines += ["", "rel. error = subset test error - full-data test error, in percentage points; "
-              "speed-up = full-data training time / subset training time."]
-    return "\n".join(lines) + "\n"
+def recipe_of(c: dict):
+    from .training import Recipe
+
+    milestones = c["milestones"] if c["milestones"] is not None else [c["epochs"] // 2]
+    return Recipe(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"],
+                  nesterov=c["nesterov"], weight_decay=c["weight_decay"], schedule=c["schedule"],
+                  milestones=tuple(m for m in milestones if m > 0), gamma=c["gamma"], augment=c["augment"],
+                  bf16=c["bf16"], channels_last=c["channels_last"])
+
+
+def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, device, meter: EnergyMeter) -> dict:
+    """Train the recipe once on one training set; test accuracy, seconds, energy, costs."""
+    import torch
+
+    from .online import make_selector
+    from .training import accuracy, train_classifier
+
+    torch.manual_seed(seed)
+    model = build_model(c["recipe"], x.shape[1:], n_classes, c["width"])
+    selector = None
+    if ts.kind == "online":
+        o = ts.online
+        opts = {"kappa": o["kappa"], "every": o["every"]} if o["method"] in ("craig", "gradmatch") else {}
+        selector = make_selector(o["method"], o["budget"], **opts)
+    e0 = meter.read()
+    fit = train_classifier(model, x, y, weights=ts.weights if ts.kind == "selection" else None, recipe=recipe_of(c),
+                           seed=seed, device=device, selector=selector, num_classes=n_classes)
+    e1 = meter.read()
+    fit["acc"] = accuracy(model, test[0], test[1], device=device)
+    fit["energy_j"] = None if e0 is None or e1 is None else e1 - e0
+    return fit
+
+
+def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
+    accs = [f["acc"] for f in fits]
+    energy = [f["energy_j"] for f in fits]
+    samples = (max(1, int(round(ts.budget * n_full))) if ts.kind == "online"
+               else n_full if ts.rows is None else len(ts.rows))
+    row = {"name": ts.name, "kind": ts.kind, "method": ts.method, "budget": ts.budget, "samples": int(samples),
+           "fraction": samples / n_full,
+           "weighted": ts.weights is not None and bool(np.any(ts.weights != 1)),
+           "accs": accs, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+           "train_seconds": float(np.mean([f["seconds"] for f in fits])),
+           "backprop_samples": int(fits[0]["backprop_samples"]), "probe_samples": int(fits[0]["probe_samples"]),
+           "curation": ts.curation or {}, "curation_seconds": float(sum((ts.curation or {}).values())),
+           "energy_j": None if None in energy else float(np.mean(energy))}
+    if ts.kind == "online":
+        skip = {"seconds", "final_loss", "steps", "backprop_samples", "probe_samples", "acc", "energy_j"}
+        row["selector"] = json.loads(json.dumps({k: v for k, v in fits[0].items() if k not in skip}, default=str))
+    return row
+
+
+def compare_with_full(rows: list[dict]) -> None:
+    """Relative error, speed-ups and energy ratio of every row against the full-data row."""
+    full = rows[0]
+    for r in rows:
+        r["rel_error"] = (1 - r["acc_mean"]) - (1 - full["acc_mean"])
+        r["speedup"] = full["train_seconds"] / max(r["train_seconds"], 1e-9)
+        r["e2e_seconds"] = r["curation_seconds"] + r["train_seconds"]
+        r["e2e_speedup"] = full["train_seconds"] / max(r["e2e_seconds"], 1e-9)
+        r["energy_ratio"] = (r["energy_j"] / full["energy_j"]
+                             if r["energy_j"] is not None and full["energy_j"] else None)
 
 
 class VerifyStage(Stage):
     name = "verify"
-    version = 1
+    version = 2
     resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):
-        return {"seed": cfg.seed, **cfg.verify.model_dump()}
+        c = {"seed": cfg.seed, **cfg.verify.model_dump()}
+        c["online"] = [{**o.model_dump(), "sel_name": o.sel_name,
+                        "label": ("adaptive-" if o.method in ("craig", "gradmatch") else "") + o.method}
+                       for o in cfg.verify.online]
+        return c
 
     def upstream(self, cfg, sel):
         return ["index"] + [f"materialize/{s.sel_name}" for s in cfg.select]
@@ -100,46 +201,36 @@ class VerifyStage(Stage):
         return [(cfg.dataset, "test")]
 
     def run(self, ctx: StageContext) -> None:
-        import torch
         from tqdm import tqdm
-
-        from .training import accuracy, train_classifier
 
         c = ctx.config
         index, images, labels = load_index_arrays(ctx, c["image_size"])
-        test_x, test_y = load_test_split(ctx, c["image_size"])
+        test = load_test_split(ctx, c["image_size"])
         n_classes = num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels)
-        sets = list(training_sets(ctx, len(labels)))
+        sets = training_sets(ctx, len(labels))
+        meter = EnergyMeter(ctx.device)
         rows = []
         bar = tqdm(total=len(sets) * c["seeds"], desc="verify: trainings", disable=None)
-        for name, kind, method, budget, sel_rows, weights in sets:
-            if kind == "selection":
-                x, y = subset_images(ctx, name, c["image_size"]), labels[sel_rows]
-            elif sel_rows is None:
+        for ts in sets:
+            if ts.kind == "selection":
+                x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
+            elif ts.rows is None:
                 x, y = images, labels
             else:
-                x, y = images[sel_rows], labels[sel_rows]
-            accs, secs = [], []
+                x, y = images[ts.rows], labels[ts.rows]
+            fits = []
             for s in range(c["seeds"]):
-                torch.manual_seed(c["seed"] + s)
-                model = build_model(c["recipe"], x.shape[1], n_classes, c["width"])
-                fit = train_classifier(model, x, y, weights=weights, epochs=c["epochs"], batch_size=c["batch_size"],
-                                       lr=c["lr"], seed=c["seed"] + s, device=ctx.device)
-                accs.append(accuracy(model, test_x, test_y, device=ctx.device))
-                secs.append(fit["seconds"])
+                fits.append(train_once(c, ts, x, y, test, n_classes, c["seed"] + s, ctx.device, meter))
                 bar.update(1)
-            rows.append({"name": name, "kind": kind, "method": method, "budget": budget, "samples": int(len(y)),
-                         "fraction": len(y) / len(labels), "weighted": weights is not None and bool(np.any(weights != 1)),
-                         "accs": accs, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-                         "train_seconds": float(np.mean(secs))})
+            rows.append(summarise(ts, fits, len(labels)))
         bar.close()
-        full = rows[0]
-        for r in rows:
-            r["rel_error"] = (1 - r["acc_mean"]) - (1 - full["acc_mean"])
-            r["speedup"] = full["train_seconds"] / max(r["train_seconds"], 1e-9)
+        compare_with_full(rows)
         report = {"dataset": ctx.cfg.dataset, "recipe": c["recipe"], "epochs": c["epochs"], "seeds": c["seeds"],
-                  "device": str(ctx.device), "train_samples": int(len(labels)), "test_samples": int(len(test_y)),
+                  "device": str(ctx.device), "train_samples": int(len(labels)), "test_samples": int(len(test[1])),
+                  "protocol": {k: c[k] for k in ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+                                                 "milestones", "gamma", "augment", "bf16", "channels_last", "width")},
                   "rows": rows}
         (ctx.out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         (ctx.out / "report.md").write_text(render_markdown(report))
+        plot_report(report, ctx.out)
         ctx.metrics.update({r["name"]: round(r["acc_mean"], 4) for r in rows})

@@ -131,6 +131,6 @@ def test_resnet18_proxy_features():
     from stages.models import build_model, proxy_arch
 
     assert proxy_arch("auto", 28) == "small_cnn" and proxy_arch("auto", 32) == "resnet18"
-    m = build_model("resnet18", 3, 10)
+    m = build_model("resnet18", (3, 32, 32), 10)
     x = torch.randn(2, 3, 32, 32)
     assert m.features(x).shape == (2, 512) and m(x).shape == (2, 10)

@@ -1,0 +1,105 @@
+"""The verification report: markdown table and PNG plots from report.json's rows.
+
+Plain functions of the report dict, so `curate report` can redraw them without training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = ("name", "method", "budget", "samples", "acc_mean", "acc_std", "rel_error", "train_seconds", "speedup",
+           "curation_seconds", "e2e_seconds", "e2e_speedup", "energy_ratio")
+
+
+def _fmt(v, spec: str, na: str = "n/a") -> str:
+    return na if v is None else format(v, spec)
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# curate verification: {report['dataset']}", "",
+             f"Recipe `{report['recipe']}`, {report['epochs']} epochs, {report['seeds']} seed(s), "
+             f"{report['train_samples']} training / {report['test_samples']} test samples, device {report['device']}.", "",
+             "| training set | method | budget | samples | test acc (%) | rel. error (pp) | train (s) | train speed-up "
+             "| curation (s) | end-to-end speed-up | energy ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['name']} | {r['method']} | {r['budget']} | {r['samples']} | "
+                     f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {100 * r['rel_error']:+.2f} | "
+                     f"{r['train_seconds']:.2f} | {r['speedup']:.2f}x | {r['curation_seconds']:.2f} | "
+                     f"{r['e2e_speedup']:.2f}x | {_fmt(r.get('energy_ratio'), '.3f')} |")
+    lines += ["",
+              "- rel. error: subset test error - full-data test error, in percentage points.",
+              "- train speed-up: full-data training time / this set's training time (online methods: "
+              "their selection work inside training included).",
+              "- curation: embedding + scoring + selection seconds this set needed (from each stage's "
+              "`_stage.json`); end-to-end speed-up: full-data training time / (curation + training time).",
+              "- energy ratio: this set's training energy / full-data training energy (NVML counter, GPU only).",
+              "- samples: training-set size; for online methods, samples backpropagated per epoch."]
+    return "\n".join(lines) + "\n"
+
+
+def _series(rows):
+    """Rows grouped by method (random baselines join the `random` series), sorted by budget."""
+    out: dict[str, list] = {}
+    for r in rows:
+        if r["kind"] != "full":
+            out.setdefault(r["method"], []).append(r)
+    return {m: sorted(rs, key=lambda r: r["fraction"]) for m, rs in sorted(out.items())}
+
+
+def plot_report(report: dict, out_dir: Path) -> list[str]:
+    """accuracy_vs_budget.png and accuracy_vs_time.png; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = report["rows"]
+    full = next(r for r in rows if r["kind"] == "full")
+    series = _series(rows)
+    colours = plt.get_cmap("tab10")
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.axhline(100 * full["acc_mean"], color="black", ls="--", lw=1, label=f"full data ({100 * full['acc_mean']:.2f}%)")
+    ax.axhspan(100 * (full["acc_mean"] - full["acc_std"]), 100 * (full["acc_mean"] + full["acc_std"]),
+               color="black", alpha=0.08)
+    for i, (m, rs) in enumerate(series.items()):
+        ax.errorbar([100 * r["fraction"] for r in rs], [100 * r["acc_mean"] for r in rs],
+                    yerr=[100 * r["acc_std"] for r in rs], marker="o", ms=4, capsize=3, color=colours(i % 10), label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("budget (% of the training set, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{report['dataset']}: accuracy vs budget ({report['recipe']}, {report['seeds']} seed(s))")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_budget.png")
+    plt.close(fig)
+    written.append("accuracy_vs_budget.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([full["e2e_seconds"]], [100 * full["acc_mean"]], marker="*", s=120, color="black", label="full data", zorder=3)
+    for i, (m, rs) in enumerate(series.items()):
+        ax.errorbar([r["e2e_seconds"] for r in rs], [100 * r["acc_mean"] for r in rs],
+                    yerr=[100 * r["acc_std"] for r in rs], marker="o", ms=4, ls="none", capsize=3,
+                    color=colours(i % 10), label=m)
+        for r in rs:
+            ax.annotate(f"{100 * r['fraction']:.0f}%", (r["e2e_seconds"], 100 * r["acc_mean"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("total wall time: curation + training (s, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{report['dataset']}: accuracy vs total time")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_time.png")
+    plt.close(fig)
+    written.append("accuracy_vs_time.png")
+    return written
+
+
+def table_rows(report: dict) -> list[dict]:
+    """The report's rows with the columns a Prefect table artifact shows."""
+    return [{k: r.get(k) for k in COLUMNS} for r in report["rows"]]
