@@ -53,7 +53,7 @@ def load_index_arrays(ctx: StageContext, image_size: int | None, name: str = "in
 
 class EmbedStage(Stage):
     name = "embed"
-    version = 3
+    version = 4  # 4: the selector-driven trainer (numpy shuffling, per-batch lr)
     resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):

@@ -60,7 +60,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     colours = plt.get_cmap("tab10")
     written = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     ax.axhline(100 * full["acc_mean"], color="black", ls="--", lw=1, label=f"full data ({100 * full['acc_mean']:.2f}%)")
     ax.axhspan(100 * (full["acc_mean"] - full["acc_std"]), 100 * (full["acc_mean"] + full["acc_std"]),
                color="black", alpha=0.08)
@@ -68,17 +68,20 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
         ax.errorbar([100 * r["fraction"] for r in rs], [100 * r["acc_mean"] for r in rs],
                     yerr=[100 * r["acc_std"] for r in rs], marker="o", ms=4, capsize=3, color=colours(i % 10), label=m)
     ax.set_xscale("log")
-    ax.set_xlabel("budget (% of the training set, log scale)")
+    ticks = sorted({round(100 * r["fraction"], 1) for rs in series.values() for r in rs})
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("budget (share of the training set, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{report['dataset']}: accuracy vs budget ({report['recipe']}, {report['seeds']} seed(s))")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy_vs_budget.png")
     plt.close(fig)
     written.append("accuracy_vs_budget.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     ax.scatter([full["e2e_seconds"]], [100 * full["acc_mean"]], marker="*", s=120, color="black", label="full data", zorder=3)
     for i, (m, rs) in enumerate(series.items()):
         ax.errorbar([r["e2e_seconds"] for r in rs], [100 * r["acc_mean"] for r in rs],
@@ -92,7 +95,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{report['dataset']}: accuracy vs total time")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy_vs_time.png")
     plt.close(fig)

@@ -1,0 +1,48 @@
+"""CREST and AdaSelection against the fixed big-loss baseline on real data (sklearn digits).
+
+One protocol for all three (mlp, 10 epochs, batch 32, lr 0.1 stepped at epoch 5, 5 seeds,
+10% of the samples backpropagated per epoch), held-out accuracy on a fixed split.
+Observed on 2 CPU cores: crest 92.9%, adaselection 91.6%, big_loss 86.3% (uniform 89.6%).
+At 30% the three tie within noise (97.6 / 97.8 / 97.9%), so the test holds 10%.
+"""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from stages.models import build_model
+from stages.online import make_selector
+from stages.training import Recipe, accuracy, train_classifier
+
+SEEDS = 5
+RECIPE = Recipe(epochs=10, batch_size=32, lr=0.1, schedule="step", milestones=(5,), nesterov=False)
+
+
+@pytest.fixture(scope="module")
+def split():
+    d = load_digits()
+    x = (d.images * 16).clip(0, 255).astype(np.uint8)[:, None]
+    perm = np.random.default_rng(0).permutation(len(d.target))
+    return x[perm[:1400]], d.target[perm[:1400]], x[perm[1400:]], d.target[perm[1400:]]
+
+
+def mean_accuracy(split, method: str, fraction: float) -> float:
+    xtr, ytr, xte, yte = split
+    accs = []
+    for seed in range(SEEDS):
+        torch.manual_seed(seed)
+        model = build_model("mlp", (1, 8, 8), 10, 64)
+        out = train_classifier(model, xtr, ytr, recipe=RECIPE, seed=seed, device=torch.device("cpu"),
+                               selector=make_selector(method, fraction), num_classes=10)
+        assert abs(out["backprop_samples"] - RECIPE.epochs * fraction * len(ytr)) < 0.05 * RECIPE.epochs * len(ytr)
+        accs.append(accuracy(model, xte, yte, device=torch.device("cpu")))
+    return float(np.mean(accs))
+
+
+def test_crest_and_adaselection_beat_big_loss_at_ten_percent(split):
+    big = mean_accuracy(split, "big_loss", 0.1)
+    crest = mean_accuracy(split, "crest", 0.1)
+    ada = mean_accuracy(split, "adaselection", 0.1)
+    assert crest > big + 0.02, (crest, big)
+    assert ada > big + 0.02, (ada, big)
