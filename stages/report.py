@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ("name", "method", "budget", "samples", "acc_mean", "acc_std", "rel_error", "train_seconds", "speedup",
+COLUMNS = ("name", "method", "budget", "samples", "backprop_share", "acc_mean", "acc_std", "rel_error", "train_seconds", "speedup",
            "curation_seconds", "e2e_seconds", "e2e_speedup", "energy_ratio")
 
 
@@ -19,11 +19,11 @@ def render_markdown(report: dict) -> str:
     lines = [f"# curate verification: {report['dataset']}", "",
              f"Recipe `{report['recipe']}`, {report['epochs']} epochs, {report['seeds']} seed(s), "
              f"{report['train_samples']} training / {report['test_samples']} test samples, device {report['device']}.", "",
-             "| training set | method | budget | samples | test acc (%) | rel. error (pp) | train (s) | train speed-up "
-             "| curation (s) | end-to-end speed-up | energy ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| training set | method | budget | samples | backprop share | test acc (%) | rel. error (pp) | train (s) "
+             "| train speed-up | curation (s) | end-to-end speed-up | energy ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['name']} | {r['method']} | {r['budget']} | {r['samples']} | "
+        lines.append(f"| {r['name']} | {r['method']} | {r['budget']} | {r['samples']} | {r.get('backprop_share', r['fraction']):.3f} | "
                      f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {100 * r['rel_error']:+.2f} | "
                      f"{r['train_seconds']:.2f} | {r['speedup']:.2f}x | {r['curation_seconds']:.2f} | "
                      f"{r['e2e_speedup']:.2f}x | {_fmt(r.get('energy_ratio'), '.3f')} |")
@@ -34,7 +34,9 @@ def render_markdown(report: dict) -> str:
               "- curation: embedding + scoring + selection seconds this set needed (from each stage's "
               "`_stage.json`); end-to-end speed-up: full-data training time / (curation + training time).",
               "- energy ratio: this set's training energy / full-data training energy (NVML counter, GPU only).",
-              "- samples: training-set size; for online methods, samples backpropagated per epoch."]
+              "- samples: training-set size; for online methods, the budget's samples per epoch. backprop share: "
+              "samples backpropagated per epoch / training-set size, as measured (adaptive methods' full-data "
+              "warm start raises it above the budget)."]
     return "\n".join(lines) + "\n"
 
 

@@ -57,17 +57,19 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random shifted crop (zero padding) and horizontal flip, per sample, of a float image batch."""
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4, fill: float = -1.0) -> torch.Tensor:
+    """Random shifted crop and horizontal flip, per sample, of a normalised image batch; the
+    border comes in as `fill` (-1: black in [-1, 1]). Keeps x's memory format."""
     b, _, h, w = x.shape
     shifts = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen).to(x.device)
     flips = (torch.rand(b, generator=gen) < 0.5).to(x.device)
-    xp = F.pad(x, (pad, pad, pad, pad))
+    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
     iy = shifts[:, 0, None] + torch.arange(h, device=x.device)
     ix = shifts[:, 1, None] + torch.arange(w, device=x.device)
     ix = torch.where(flips[:, None], ix.flip(1), ix)
     bidx = torch.arange(b, device=x.device)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[bidx, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else torch.contiguous_format
+    return xp.permute(0, 2, 3, 1)[bidx, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2).contiguous(memory_format=fmt)
 
 
 def autocast_for(device: torch.device, bf16: bool):
@@ -146,14 +148,15 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
             progress(1)
     if cuda:
         torch.cuda.synchronize(device)
-    return {"seconds": time.perf_counter() - start, "final_loss": float(last), "steps": steps,
+    return {"seconds": time.perf_counter() - start, "final_loss": float(last), "steps": steps, "epochs": recipe.epochs,
             "backprop_samples": seen, "probe_samples": view.forwards, **selector.stats()}
 
 
 def list_or_stream(selector: Selector, epoch: int, view: ModelView):
-    """A Static epoch is materialised (so the cosine schedule knows its length); online ones stream."""
+    """An epoch fixed at its start is materialised (so a per-step schedule knows its length);
+    selectors that look at the model between steps stream."""
     it = selector.batches(epoch, view)
-    return list(it) if isinstance(selector, Static) else it
+    return it if selector.streams else list(it)
 
 
 @torch.no_grad()

@@ -68,8 +68,9 @@ def stage_seconds(ctx: StageContext, unit: str) -> float:
 
 
 def curation_units(cfg, spec) -> list[str]:
-    """Every unit a selection's rows depend on, except index (shared by all, full data too)."""
-    from .select import SelectStage
+    """Every unit a selection's rows depend on (embed, its parts, score, pools), except
+    index, which full-data training needs as much."""
+    from .registry import STAGES
 
     units, todo = [], [f"select/{spec.sel_name}"]
     while todo:
@@ -77,12 +78,9 @@ def curation_units(cfg, spec) -> list[str]:
         if unit in units or unit == "index":
             continue
         units.append(unit)
-        if unit.startswith("select/"):
-            todo += SelectStage().upstream(cfg, cfg.selection(unit.split("/", 1)[1]))
-        elif unit == "embed" and cfg.embed.shard_groups > 1:
-            from .embed import part_units
-
-            todo += part_units(cfg)
+        name, _, sel_name = unit.partition("/")
+        stage = STAGES[name]
+        todo += stage.upstream(cfg, cfg.selection(sel_name) if stage.per_selection else None)
     return sorted(units)
 
 
@@ -105,8 +103,7 @@ def training_sets(ctx: StageContext, n_full: int) -> list[TrainingSet]:
         for k in sizes:
             if k not in sizes_with_random:
                 sizes_with_random.add(k)
-                sets.append(TrainingSet(f"random-n{k}", "random", "random", k,
-                                        random_subset(n_full, k, ctx.cfg.seed + 7919), curation={}))
+                sets.append(TrainingSet(f"random-n{k}", "random", "random", k, np.arange(k), curation={}))
     return sets
 
 
@@ -141,7 +138,10 @@ def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, 
     if ts.kind == "online":
         o = ts.online
         opts = {"kappa": o["kappa"], "every": o["every"]} if o["method"] in ("craig", "gradmatch") else {}
-        selector = make_selector(o["method"], o["budget"], **opts)
+        try:
+            selector = make_selector(o["method"], o["budget"], **opts)
+        except ValueError as exc:
+            raise CurateError(f"verify {ts.name}: {exc}") from None
     e0 = meter.read()
     fit = train_classifier(model, x, y, weights=ts.weights if ts.kind == "selection" else None, recipe=recipe_of(c),
                            seed=seed, device=device, selector=selector, num_classes=n_classes)
@@ -149,6 +149,26 @@ def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, 
     fit["acc"] = accuracy(model, test[0], test[1], device=device)
     fit["energy_j"] = None if e0 is None or e1 is None else e1 - e0
     return fit
+
+
+def check_input_size(recipe: str, shape: tuple) -> None:
+    """convnet3 halves the image three times: below 8 px nothing is left to classify."""
+    if recipe == "convnet3" and len(shape) == 3 and min(shape[1:]) < 8:
+        raise CurateError(f"verify: recipe convnet3 needs images of at least 8 x 8 px, got {shape[1]} x {shape[2]} "
+                          f"(raise verify.image_size or use recipe mlp)")
+
+
+def warm_up(c: dict, images, labels, n_classes: int, device) -> None:
+    """One untimed step, so CUDA's lazy start-up is not billed to the first (full-data) training."""
+    if device.type != "cuda":
+        return
+    from dataclasses import replace
+
+    from .training import train_classifier
+
+    k = min(len(labels), c["batch_size"])
+    train_classifier(build_model(c["recipe"], images.shape[1:], n_classes, c["width"]), images[:k], labels[:k],
+                     recipe=replace(recipe_of(c), epochs=1), seed=0, device=device, num_classes=n_classes)
 
 
 def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
@@ -162,6 +182,7 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
            "accs": accs, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
            "train_seconds": float(np.mean([f["seconds"] for f in fits])),
            "backprop_samples": int(fits[0]["backprop_samples"]), "probe_samples": int(fits[0]["probe_samples"]),
+           "backprop_share": fits[0]["backprop_samples"] / fits[0]["epochs"] / n_full,
            "curation": ts.curation or {}, "curation_seconds": float(sum((ts.curation or {}).values())),
            "energy_j": None if None in energy else float(np.mean(energy))}
     if ts.kind == "online":
@@ -207,19 +228,22 @@ class VerifyStage(Stage):
         index, images, labels = load_index_arrays(ctx, c["image_size"])
         test = load_test_split(ctx, c["image_size"])
         n_classes = num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels)
+        check_input_size(c["recipe"], images.shape[1:])
         sets = training_sets(ctx, len(labels))
         meter = EnergyMeter(ctx.device)
+        warm_up(c, images, labels, n_classes, ctx.device)
         rows = []
         bar = tqdm(total=len(sets) * c["seeds"], desc="verify: trainings", disable=None)
         for ts in sets:
             if ts.kind == "selection":
                 x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
-            elif ts.rows is None:
-                x, y = images, labels
             else:
-                x, y = images[ts.rows], labels[ts.rows]
+                x, y = images, labels
             fits = []
             for s in range(c["seeds"]):
+                if ts.kind == "random":  # a fresh draw per seed: the std covers the subset's luck too
+                    drawn = random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s)
+                    x, y = images[drawn], labels[drawn]
                 fits.append(train_once(c, ts, x, y, test, n_classes, c["seed"] + s, ctx.device, meter))
                 bar.update(1)
             rows.append(summarise(ts, fits, len(labels)))
@@ -232,5 +256,8 @@ class VerifyStage(Stage):
                   "rows": rows}
         (ctx.out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         (ctx.out / "report.md").write_text(render_markdown(report))
-        plot_report(report, ctx.out)
+        try:
+            plot_report(report, ctx.out)
+        except Exception as exc:  # the trainings are worth more than their pictures
+            print(f"verify: plots not drawn ({type(exc).__name__}: {exc}); `curate report --run DIR` redraws them")
         ctx.metrics.update({r["name"]: round(r["acc_mean"], 4) for r in rows})

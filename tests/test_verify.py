@@ -92,3 +92,25 @@ def test_online_name_may_not_shadow_a_selection(tmp_path):
         load_config({"run": str(tmp_path), "dataset": "digits",
                      "select": {"method": "random", "budget": 0.1, "name": "big_loss-0.1"},
                      "verify": {"online": {"method": "big_loss", "budget": 0.1}}})
+
+
+def test_curation_cost_follows_every_upstream_unit(tmp_path):
+    """A score-based selection pays for the proxy too; a pooled one for its pool's selection."""
+    from stages.verify import curation_units
+
+    cfg = load_config({"run": str(tmp_path), "dataset": "digits", "score": {"methods": ["el2n"]},
+                       "select": [{"method": "difficulty", "score": "el2n", "budget": 0.1},
+                                  {"method": "dedup", "eps": 0.01},
+                                  {"method": "craig", "budget": 0.1, "pool": "dedup-eps0.01"},
+                                  {"method": "random", "budget": 0.1}]})
+    assert curation_units(cfg, cfg.select[0]) == ["embed", "score", "select/difficulty-0.1"]
+    assert curation_units(cfg, cfg.select[2]) == ["embed", "select/craig-0.1", "select/dedup-eps0.01"]
+    assert curation_units(cfg, cfg.select[3]) == ["select/random-0.1"]
+
+
+def test_convnet3_on_tiny_images_is_a_one_line_error():
+    from stages.verify import check_input_size
+
+    with pytest.raises(CurateError, match="convnet3 needs images of at least 8 x 8 px, got 6 x 6"):
+        check_input_size("convnet3", (1, 6, 6))
+    check_input_size("mlp", (1, 6, 6))

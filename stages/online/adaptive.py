@@ -88,6 +88,7 @@ class AdaptiveCoreset(Selector):
     """
 
     name = "adaptive"
+    streams = False  # the subset is chosen when an epoch starts
 
     def __init__(self, method: str, fraction: float, kappa: float = 0.5, every: int = 5, *,
                  warm: str = "budget", features: str = "last_layer", **method_opts):

@@ -16,6 +16,7 @@ are counted in `stats()` and in the measured training time).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -54,7 +55,7 @@ class ModelView:
         self.labels = y.cpu().numpy()
         self.n = len(self.labels)
         self.forwards = 0
-        self._autocast = autocast
+        self._autocast = autocast or contextlib.nullcontext
 
     def inputs(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(np.asarray(rows, np.int64), device=self._x.device)
@@ -85,6 +86,7 @@ class Selector:
     """Base class: override `batches`. `setup` runs once before the first epoch."""
 
     name = "selector"
+    streams = True  # False: an epoch's batches are fixed when it starts (the trainer lists them)
 
     def setup(self, view: ModelView) -> None:
         self.rng = np.random.default_rng(view.seed)
@@ -113,6 +115,7 @@ class Static(Selector):
     """A fixed training set: all samples (rows None) or a subset with optional weights."""
 
     name = "static"
+    streams = False
 
     def __init__(self, rows: np.ndarray | None = None, weights: np.ndarray | None = None):
         self.rows, self.weights = rows, weights
