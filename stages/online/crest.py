@@ -188,8 +188,13 @@ class Crest(Selector):
             self.seconds["check_seconds"] += time.perf_counter() - start
 
     def batches(self, epoch: int, view: ModelView) -> Iterator[Batch]:
+        left = max(1, round(self.fraction * view.n))  # a static subset's backprops per epoch, not a batch more
         for _ in range(self.steps_per_epoch(view)):
-            yield self.next_batch(view)
+            batch = self.next_batch(view)
+            if left < len(batch.rows):
+                batch = Batch(batch.rows[:left], None if batch.weights is None else batch.weights[:left])
+            left -= len(batch.rows)
+            yield batch
             self.after_step(view)
 
     def stats(self) -> dict:

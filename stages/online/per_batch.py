@@ -293,7 +293,10 @@ class _PerBatchSelector(Selector):
         self.selected += k
 
     def _before_select(self, losses: np.ndarray, progress: float) -> None:
-        """Hook run on each probed batch before `select` (AdaSelection's weight update)."""
+        """Hook run on each probed batch before `select`."""
+
+    def _after_step(self, view: ModelView, kept: np.ndarray, before: np.ndarray, progress: float) -> None:
+        """Hook run after the step on the kept rows (AdaSelection's weight update)."""
 
     def candidate_size(self, view: ModelView) -> int:
         """round(B / fraction): keeping `fraction` of it backpropagates about B samples."""
@@ -313,6 +316,7 @@ class _PerBatchSelector(Selector):
             pos = self.select(probe.losses, probe.probs, probe.feats, view.labels[rows], rows,
                               keep_count(len(rows), self.fraction))
             yield Batch(rows[pos])
+            self._after_step(view, rows[pos], probe.losses[pos], (epoch + (b + 1) / n_batches) / max(view.epochs, 1))
 
     def stats(self) -> dict:
         return {"selector": self.name, "fraction": self.fraction, "selected_samples": self.selected,
@@ -341,7 +345,7 @@ class AdaSelection(_PerBatchSelector):
     """AdaSelection: a learnt mixture of the baseline scores, per candidate batch.
 
     Keep the top k of sum_m alpha_m * rank_m (each method's within-batch ranks in [0, 1]).
-    At the next probe (`observe`): d = relative drop of the average probed loss, a = (d -
+    After the step (`observe`): d = relative drop of the kept rows' mean loss, re-probed, a = (d -
     running mean) / running std (EMAs, rate 0.1; std >= 0.1 |mean|; a in [-3, 3]); o_m =
     share of the kept set in method m's own top k; h_m = mean loss rank of m's top k - 0.5;
     r_m = a * o_m + curriculum * (2 t - 1) * h_m at training progress t in [0, 1];
@@ -396,15 +400,19 @@ class AdaSelection(_PerBatchSelector):
         self._count(len(losses), k)
         return keep
 
-    def observe(self, avg_loss: float, progress: float) -> np.ndarray:
-        """Credit the last selection with the loss change since the previous observe;
-        `progress` in [0, 1] is how far training is. Returns the new alpha."""
+    def observe(self, avg_loss: float, progress: float, before: float | None = None) -> np.ndarray:
+        """Credit the last selection with a loss change; `progress` in [0, 1] is how far training is.
+
+        With `before` (the kept rows' mean loss before the step) and `avg_loss` the same rows'
+        loss after it, the change is the step's own effect (what the trainer passes); without
+        it, the change since the previous observe's average. Returns the new alpha."""
         avg_loss = float(avg_loss)
         if not np.isfinite(avg_loss):
             raise SelectionError("AdaSelection.observe: the average loss is NaN or inf: training diverged")
-        if self._prev_loss is not None and self._pending is not None:
+        prev = self._prev_loss if before is None else float(before)
+        if prev is not None and self._pending is not None:
             overlap, hardness = self._pending
-            drop = (self._prev_loss - avg_loss) / max(abs(self._prev_loss), 1e-12)
+            drop = (prev - avg_loss) / max(abs(prev), 1e-12)
             gamma = self.curriculum * (2.0 * float(np.clip(progress, 0.0, 1.0)) - 1.0)
             reward = self._advantage(drop) * overlap + gamma * hardness
             self._log_alpha = (1.0 - self.decay) * self._log_alpha + self.eta * reward
@@ -429,7 +437,12 @@ class AdaSelection(_PerBatchSelector):
     def _before_select(self, losses: np.ndarray, progress: float) -> None:
         if not np.isfinite(losses).all():
             raise SelectionError("probe losses contain NaN or inf: training diverged (lower the learning rate)")
-        self.observe(float(np.mean(losses)), progress)
+
+    def _after_step(self, view: ModelView, kept: np.ndarray, before: np.ndarray, progress: float) -> None:
+        """Re-probe the kept rows: the step's effect on the same samples, not on the next random
+        batch (whose sampling noise would swamp one step's loss change)."""
+        self.observe(float(view.probe(kept).losses.mean(dtype=np.float64)), progress,
+                     before=float(np.mean(before, dtype=np.float64)))
 
     def stats(self) -> dict:
         return {**super().stats(), "alpha": {m: float(a) for m, a in zip(self.methods, self.alpha)},
