@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import time
 from pathlib import Path
 
 from pipeline.catalog import Catalog
@@ -32,3 +35,24 @@ def fashion_mnist_catalog(name: str, src: str) -> Catalog:
 
         ingest("idx", ROOT / "data" / "fashion-mnist", name, src=src, catalog=str(private))
         return Catalog.load(str(private))
+
+
+def run_bench(description: str, default_config: str):
+    """Parse --config / --set / --src, run every unit of the config (cached) and return the runner."""
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(ROOT / "configs" / default_config))
+    p.add_argument("--set", action="append", default=[], dest="overrides")
+    p.add_argument("--src", default=os.environ.get("CURATE_FMNIST", str(ROOT.parent / "shared/datasets/fashion-mnist")))
+    a = p.parse_args()
+    os.chdir(ROOT)
+    cfg = load_config(a.config, a.overrides)
+    runner = Runner(cfg, fashion_mnist_catalog(cfg.dataset, a.src))
+    runner.write_run_json()
+    for unit in runner.units():
+        t0 = time.perf_counter()
+        res = runner.run(unit)
+        print(f"{unit}: {res['status']} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return runner

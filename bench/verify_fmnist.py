@@ -11,20 +11,15 @@ random at 10%). Ingests Fashion-MNIST from ../shared/datasets first if needed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
 
-from bench._fmnist import fashion_mnist_catalog  # noqa: E402
+from bench._fmnist import run_bench  # noqa: E402
 
 
 def goal_lines(report: dict) -> list[str]:
@@ -47,19 +42,7 @@ def goal_lines(report: dict) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "fmnist-verify.yaml"))
-    p.add_argument("--set", action="append", default=[], dest="overrides")
-    p.add_argument("--src", default=os.environ.get("CURATE_FMNIST", str(ROOT.parent / "shared/datasets/fashion-mnist")))
-    a = p.parse_args()
-    os.chdir(ROOT)
-    cfg = load_config(a.config, a.overrides)
-    runner = Runner(cfg, fashion_mnist_catalog(cfg.dataset, a.src))
-    runner.write_run_json()
-    for unit in runner.units():
-        t0 = time.perf_counter()
-        res = runner.run(unit)
-        print(f"{unit}: {res['status']} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    runner = run_bench(__doc__.splitlines()[0], "fmnist-verify.yaml")
     report = json.loads((runner.run_dir / "verify" / "report.json").read_text())
     print()
     print((runner.run_dir / "verify" / "report.md").read_text())

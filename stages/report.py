@@ -49,6 +49,21 @@ def _series(rows):
     return {m: sorted(rs, key=lambda r: r["fraction"]) for m, rs in sorted(out.items())}
 
 
+def _finish(fig, ax, path: Path, xlabel: str, title: str) -> str:
+    """Labels, grid and legend (outside, right) shared by both plots; saves and closes."""
+    from matplotlib import pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
 def plot_report(report: dict, out_dir: Path) -> list[str]:
     """accuracy_vs_budget.png and accuracy_vs_time.png; returns the file names written."""
     import matplotlib
@@ -73,15 +88,8 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     ticks = sorted({round(100 * r["fraction"], 1) for rs in series.values() for r in rs})
     ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("budget (share of the training set, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{report['dataset']}: accuracy vs budget ({report['recipe']}, {report['seeds']} seed(s))")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_budget.png")
-    plt.close(fig)
-    written.append("accuracy_vs_budget.png")
+    written.append(_finish(fig, ax, out_dir / "accuracy_vs_budget.png", "budget (share of the training set, log scale)",
+                           f"{report['dataset']}: accuracy vs budget ({report['recipe']}, {report['seeds']} seed(s))"))
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     ax.scatter([full["e2e_seconds"]], [100 * full["acc_mean"]], marker="*", s=120, color="black", label="full data", zorder=3)
@@ -93,15 +101,8 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
             ax.annotate(f"{100 * r['fraction']:.0f}%", (r["e2e_seconds"], 100 * r["acc_mean"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("total wall time: curation + training (s, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{report['dataset']}: accuracy vs total time")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_time.png")
-    plt.close(fig)
-    written.append("accuracy_vs_time.png")
+    written.append(_finish(fig, ax, out_dir / "accuracy_vs_time.png", "total wall time: curation + training (s, log scale)",
+                           f"{report['dataset']}: accuracy vs total time"))
     return written
 
 
