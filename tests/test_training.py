@@ -33,14 +33,14 @@ def test_integer_weights_train_like_repeated_samples():
 
 
 def test_crop_flip_moves_pixels_without_inventing_any():
-    """Each augmented image is its source shifted by at most 4 px (zeros come in) and maybe mirrored."""
+    """Each augmented image is its source shifted by at most 4 px (black comes in) and maybe mirrored."""
     from stages.training import crop_flip
 
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6) + 1
     out = crop_flip(x, torch.Generator().manual_seed(3))
     assert out.shape == x.shape
     for i in range(2):
-        padded = torch.nn.functional.pad(x[i], (4, 4, 4, 4))
+        padded = torch.nn.functional.pad(x[i], (4, 4, 4, 4), value=-1.0)  # black in [-1, 1]
         options = [padded[:, dy:dy + 6, dx:dx + 6] for dy in range(9) for dx in range(9)]
         options += [o.flip(-1) for o in options]
         assert any(torch.equal(out[i], o) for o in options)
