@@ -17,6 +17,7 @@ are counted in `stats()` and in the measured training time).
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -82,8 +83,8 @@ class ModelView:
         return Probe(torch.cat(losses).numpy(), torch.cat(probs).numpy(), torch.cat(feats).numpy())
 
 
-class Selector:
-    """Base class: override `batches`. `setup` runs once before the first epoch."""
+class Selector(ABC):
+    """Base class: implement `batches`. `setup` runs once before the first epoch."""
 
     name = "selector"
     streams = True  # False: an epoch's batches are fixed when it starts (the trainer lists them)
@@ -91,8 +92,9 @@ class Selector:
     def setup(self, view: ModelView) -> None:
         self.rng = np.random.default_rng(view.seed)
 
+    @abstractmethod
     def batches(self, epoch: int, view: ModelView) -> Iterator[Batch]:
-        raise NotImplementedError
+        """The epoch's batches, one per optimiser step."""
 
     def steps_per_epoch(self, view: ModelView) -> int | None:
         """Steps `batches` yields per epoch where known up front (a per-step lr schedule uses it)."""

@@ -32,6 +32,7 @@ The selection is usable from any training loop, without `train_classifier`:
 from __future__ import annotations
 
 import numbers
+from abc import abstractmethod
 from typing import Iterator
 
 import numpy as np
@@ -285,8 +286,9 @@ class _PerBatchSelector(Selector):
         super().setup(view)
         self.scorer.start(view.n, view.seed)
 
+    @abstractmethod
     def select(self, losses, probs, feats, labels, rows, k: int) -> np.ndarray:
-        raise NotImplementedError
+        """Positions (into this batch) of the k candidates to backpropagate."""
 
     def _count(self, n: int, k: int) -> None:
         self.candidates += n
