@@ -203,6 +203,39 @@ def compare_with_full(rows: list[dict]) -> None:
                              if r["energy_j"] is not None and full["energy_j"] else None)
 
 
+class Journal:
+    """Finished trainings of one verify fingerprint, one JSON line each, so that a killed or
+    failed verify resumes where it stopped instead of training everything again. Each
+    training seeds itself, so a resumed report has the same accuracies as an unbroken one."""
+
+    def __init__(self, path):
+        self.path = path
+        self.done: dict[tuple[str, int], dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.done[(rec["set"], rec["seed"])] = rec["fit"]
+                except (ValueError, KeyError, TypeError):
+                    break  # a line cut by a kill: the trainings after it run again
+        self.resumed = len(self.done)
+
+    def get(self, name: str, seed: int) -> dict | None:
+        return self.done.get((name, seed))
+
+    def add(self, name: str, seed: int, fit: dict) -> dict:
+        fit = json.loads(json.dumps(fit, default=str))  # what a resumed run would read back
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"set": name, "seed": seed, "fit": fit}) + "\n")
+        self.done[(name, seed)] = fit
+        return fit
+
+    def close(self) -> None:
+        """The report holds it all now."""
+        self.path.unlink(missing_ok=True)
+
+
 class VerifyStage(Stage):
     name = "verify"
     version = 2
@@ -232,8 +265,10 @@ class VerifyStage(Stage):
         sets = training_sets(ctx, len(labels))
         meter = EnergyMeter(ctx.device)
         warm_up(c, images, labels, n_classes, ctx.device)
+        journal = Journal(ctx.run_dir / ".verify-progress" / f"{ctx.fingerprint}.jsonl")
         rows = []
-        bar = tqdm(total=len(sets) * c["seeds"], desc="verify: trainings", disable=None)
+        bar = tqdm(total=len(sets) * c["seeds"], desc="verify: trainings", disable=None,
+                   initial=len(journal.done))
         for ts in sets:
             if ts.kind == "selection":
                 x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
@@ -241,10 +276,14 @@ class VerifyStage(Stage):
                 x, y = images, labels
             fits = []
             for s in range(c["seeds"]):
-                if ts.kind == "random":  # a fresh draw per seed: the std covers the subset's luck too
-                    drawn = random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s)
-                    x, y = images[drawn], labels[drawn]
-                fits.append(train_once(c, ts, x, y, test, n_classes, c["seed"] + s, ctx.device, meter))
+                fit = journal.get(ts.name, s)
+                if fit is None:
+                    if ts.kind == "random":  # a fresh draw per seed: the std covers the subset's luck too
+                        drawn = random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s)
+                        x, y = images[drawn], labels[drawn]
+                    fit = journal.add(ts.name, s, train_once(c, ts, x, y, test, n_classes, c["seed"] + s,
+                                                             ctx.device, meter))
+                fits.append(fit)
                 bar.update(1)
             rows.append(summarise(ts, fits, len(labels)))
         bar.close()
@@ -261,3 +300,5 @@ class VerifyStage(Stage):
         except Exception as exc:  # the trainings are worth more than their pictures
             print(f"verify: plots not drawn ({type(exc).__name__}: {exc}); `curate report --run DIR` redraws them")
         ctx.metrics.update({r["name"]: round(r["acc_mean"], 4) for r in rows})
+        ctx.metrics["resumed_trainings"] = journal.resumed
+        journal.close()

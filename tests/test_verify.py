@@ -114,3 +114,30 @@ def test_convnet3_on_tiny_images_is_a_one_line_error():
     with pytest.raises(CurateError, match="convnet3 needs images of at least 8 x 8 px, got 6 x 6"):
         check_input_size("convnet3", (1, 6, 6))
     check_input_size("mlp", (1, 6, 6))
+
+
+def test_a_killed_verify_resumes_with_the_same_accuracies(verified, monkeypatch):
+    """Trainings finished before a crash are not redone, and the report matches an unbroken run."""
+    import stages.verify as verify
+
+    runner, report = verified
+    real, calls = verify.train_once, []
+
+    def crash_on_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "train_once", crash_on_fifth)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.run("verify", force=True)
+    assert not any(runner.run_dir.glob(".tmp-verify*"))  # nothing half-written in place
+    calls.clear()
+    monkeypatch.setattr(verify, "train_once", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    runner.run("verify", force=True)
+    assert len(calls) == 2 * 4 - 4  # 4 sets x 2 seeds, 4 already done
+    again = json.loads((runner.run_dir / "verify" / "report.json").read_text())
+    assert [r["accs"] for r in again["rows"]] == [r["accs"] for r in report["rows"]]
+    assert json.loads((runner.run_dir / "verify" / "_stage.json").read_text())["metrics"]["resumed_trainings"] == 4
+    assert not list((runner.run_dir / ".verify-progress").glob("*.jsonl"))  # done: the journal is gone
