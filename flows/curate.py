@@ -1,4 +1,5 @@
-"""The Prefect flow: index -> embed -> score -> select (per selection) -> materialize -> verify.
+"""The Prefect flow: index -> embed -> score -> select (per selection) -> materialize -> verify,
+with index -> experts (if an mtt spec) -> distill (per spec) -> verify beside it.
 
 The flow holds no computation: each task runs one stage unit through pipeline.runner,
 passing only the run directory, the unit name and the catalog path (never arrays).
@@ -51,8 +52,11 @@ def curate_flow(run_dir: str, catalog: str) -> str:
         by_name[spec.sel_name] = _submit(f"select/{spec.sel_name}", run_dir, catalog, after)
     selects = list(by_name.values())
     mats = [_submit(f"materialize/{s}", run_dir, catalog, [f]) for s, f in zip(sels, selects)]
-    verify = _submit("verify", run_dir, catalog, [embed, *mats])
-    results = [f.result() for f in [index, *parts, embed, *scores, *selects, *mats, verify]]
+    experts = [_submit(u, run_dir, catalog, [index]) for u in runner.units("experts")]  # only with an mtt spec
+    distills = [_submit(f"distill/{s.sel_name}", run_dir, catalog, [index, *(experts if s.method == "mtt" else [])])
+                for s in runner.cfg.distill.specs]
+    verify = _submit("verify", run_dir, catalog, [embed, *mats, *distills])
+    results = [f.result() for f in [index, *parts, embed, *scores, *selects, *mats, *experts, *distills, verify]]
     logger = get_run_logger()
     for r in results:
         logger.info("%s: %s %s", r["unit"], r["status"], r["fingerprint"][:12])

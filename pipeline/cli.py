@@ -57,7 +57,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (def
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="index | embed | select | materialize | verify"),
+def stage(name: str = typer.Argument(..., help="index | embed | score | select | materialize | experts | distill | verify"),
           run_dir: Path = typer.Option(..., "--run", help="run directory"),
           config: Optional[Path] = typer.Option(None, "--config"),
           set_: List[str] = typer.Option([], "--set"),

@@ -22,15 +22,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def expand_budgets(v):
-    """One spec or a list; a spec whose budget is a list becomes one spec per budget."""
+def expand_budgets(v, key: str = "budget"):
+    """One spec or a list; a spec whose `key` (budget, ipc) is a list becomes one spec per value."""
     specs = v if isinstance(v, list) else [v]
     out = []
     for spec in specs:
-        if isinstance(spec, dict) and isinstance(spec.get("budget"), list):
+        if isinstance(spec, dict) and isinstance(spec.get(key), list):
             if spec.get("name"):
-                raise ValueError("a spec with a list of budgets cannot set one 'name'")
-            out += [{**spec, "budget": b} for b in spec["budget"]]
+                raise ValueError(f"a spec with a list of {'budgets' if key == 'budget' else key} cannot set one 'name'")
+            out += [{**spec, key: b} for b in spec[key]]
         else:
             out.append(spec)
     return out
@@ -267,6 +267,107 @@ class VerifyConfig(Section):
         return self
 
 
+DSA_KINDS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"
+
+
+def check_dsa(v: str) -> str:
+    """The kinds of stages.distill.dsa joined by _, or none (not imported here: it needs torch)."""
+    bad = [k for k in v.lower().split("_") if k and k not in DSA_KINDS + ("none",)]
+    if bad:
+        raise ValueError(f"unknown DSA kind(s) {bad}; known: {list(DSA_KINDS)} joined by _, or none")
+    return v
+
+
+class ExpertsConfig(Section):
+    """The expert trajectories every mtt spec of the run matches (trained once, shared)."""
+
+    count: int = Field(5, ge=1)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(256, ge=1)
+    arch: Literal["convnet3"] = "convnet3"
+    width: int = Field(128, ge=4)
+    dsa: str = DSA_DEFAULT  # augmentation of the experts' batches (kinds joined by _, or none)
+    device: DEVICE = "auto"
+
+    _kinds = field_validator("dsa")(classmethod(lambda cls, v: check_dsa(v)))
+
+
+class DistillSpec(Section):
+    method: str
+    ipc: StrictInt = Field(ge=1)
+    name: str | None = None
+    iterations: int = Field(1000, ge=1)
+    lr_img: float = Field(1.0, gt=0)
+    dsa: str = DSA_DEFAULT  # DSA kinds joined by _, or none; verify trains the set with them too
+    device: DEVICE = "auto"
+
+    _kinds = field_validator("dsa")(classmethod(lambda cls, v: check_dsa(v)))
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or f"{self.method}-ipc{self.ipc}"
+
+    def params(self) -> dict:
+        return self.model_dump(exclude={"name", "device"})
+
+
+class MttSpec(DistillSpec):
+    method: Literal["mtt"]
+    syn_steps: int = Field(20, ge=1)
+    expert_epochs: int = Field(2, ge=1)
+    max_start_epoch: int = Field(10, ge=1)
+    lr_img: float = Field(100.0, gt=0)
+    lr_lr: float = Field(1e-5, gt=0)
+    lr_init: float = Field(0.01, gt=0)
+    batch_syn: int | None = Field(None, ge=1)  # None: every synthetic image in each student step
+    zca: bool = False
+
+
+class DmSpec(DistillSpec):
+    method: Literal["dm"]
+    batch_real: int = Field(256, ge=1)
+    width: int = Field(128, ge=4)  # of the randomly initialised convnet3 embedders
+
+
+DISTILL_TYPES = (MttSpec, DmSpec)
+DISTILL_METHODS = ("mtt", "dm")
+AnyDistill = Annotated[Union[DISTILL_TYPES], Field(discriminator="method")]
+
+
+class DistillConfig(Section):
+    """Synthetic sets (`specs`, default none) and the experts that mtt specs share."""
+
+    specs: list[AnyDistill] = Field(default_factory=list)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+
+    @field_validator("specs", mode="before")
+    @classmethod
+    def _expand(cls, v):
+        return expand_budgets(v, "ipc")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for i, s in enumerate(self.specs):
+            if s.method == "mtt" and s.max_start_epoch + s.expert_epochs > self.experts.epochs:
+                raise ValueError(f"specs.{i}: max_start_epoch {s.max_start_epoch} + expert_epochs {s.expert_epochs} "
+                                 f"exceeds experts.epochs {self.experts.epochs}")
+        zcas = {s.zca for s in self.specs if s.method == "mtt"}
+        if len(zcas) > 1:
+            raise ValueError("mtt specs disagree on zca, but share one set of experts (trained on whitened "
+                             "images or not): use one zca setting")
+        return self
+
+    @property
+    def has_mtt(self) -> bool:
+        return any(s.method == "mtt" for s in self.specs)
+
+    @property
+    def zca(self) -> bool:
+        return any(getattr(s, "zca", False) for s in self.specs)
+
+
 class FlowConfig(Section):
     task_runner: Literal["default", "dask"] = "default"
     n_workers: int = Field(2, ge=1)
@@ -281,6 +382,7 @@ class RunConfig(Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: list[AnySpec] = Field(default_factory=list)
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     _dataset_splits: dict | None = PrivateAttr(default=None)  # set by the Runner from the catalog
@@ -294,12 +396,28 @@ class RunConfig(Section):
     def _expand(cls, v):
         return expand_budgets(v)
 
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _distill_list(cls, v):
+        return {"specs": v} if isinstance(v, list) else v  # `distill: [spec, ...]` means the specs alone
+
     @model_validator(mode="after")
     def _unique_names(self):
         names = [s.sel_name for s in self.select]
         clash = sorted(set(names) & {s.sel_name for s in self.verify.online})
         if clash:
             raise ValueError(f"verify.online name {clash[0]!r} is also a selection's name (set 'name' on one)")
+        dnames = [s.sel_name for s in self.distill.specs]
+        clash = sorted(set(dnames) & (set(names) | {s.sel_name for s in self.verify.online}))
+        if clash:
+            raise ValueError(f"distill name {clash[0]!r} is also a selection's or an online method's name "
+                             "(set 'name' on one)")
+        dup = sorted({n for n in dnames if dnames.count(n) > 1})
+        if dup:
+            raise ValueError(f"distill names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
+        bad = [n for n in dnames if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
+        if bad:
+            raise ValueError(f"distill name {bad[0]!r} may only hold letters, digits and _ . + -")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"selection names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
@@ -320,6 +438,13 @@ class RunConfig(Section):
             if s.sel_name == name:
                 return s
         raise CurateError(f"config: no selection named '{name}' (have: {', '.join(s.sel_name for s in self.select)})")
+
+    def distilled(self, name: str) -> DistillSpec:
+        for s in self.distill.specs:
+            if s.sel_name == name:
+                return s
+        have = ", ".join(s.sel_name for s in self.distill.specs) or "none"
+        raise CurateError(f"config: no distill spec named '{name}' (have: {have})")
 
 
 DEMO_CONFIG: dict[str, Any] = {
@@ -385,6 +510,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
         parts = list(err["loc"])
         if len(parts) > 2 and parts[0] == "select" and parts[2] in SELECT_METHODS:
             del parts[2]  # the union's tag: select.0.craig.eps reads select.0.eps
+        if len(parts) > 3 and parts[:2] == ["distill", "specs"] and parts[3] in DISTILL_METHODS:
+            del parts[3]  # distill.specs.0.mtt.ipc reads distill.specs.0.ipc
         loc = "".join(f"{p}: " if i == len(parts) - 1 else f"{p}." for i, p in enumerate(parts))
         msg = err["msg"].removeprefix("Value error, ")
         raise CurateError(f"config: {loc}{msg}") from None

@@ -23,7 +23,7 @@ from .fingerprint import hash_file, stage_fingerprint
 from .shards import write_text_atomic
 
 STAGE_FILE = "_stage.json"
-STAGE_ORDER = ["index", "embed_part", "embed", "score", "select", "materialize", "verify"]
+STAGE_ORDER = ["index", "embed_part", "embed", "score", "select", "materialize", "experts", "distill", "verify"]
 
 
 def _stages():
@@ -89,8 +89,7 @@ class Runner:
         if name not in _stages():
             raise CurateError(f"no stage named '{name}'")
         stage = _stages()[name]
-        sel = self.cfg.selection(sel_name) if stage.per_selection else None
-        return stage, sel
+        return stage, stage.item(self.cfg, sel_name)
 
     def external_fingerprint(self, dataset: str, split: str) -> str:
         if (dataset, split) not in self._ext:

@@ -6,7 +6,8 @@ resources, and implements `run(ctx)`, writing only under `ctx.out`. The runner
 (pipeline.runner) does fingerprints, skipping, atomic placement and `_stage.json`.
 
 A *unit* is one output directory: `index`, `embed`, `select/<sel>`,
-`materialize/<sel>`, `verify`. Per-selection stages have one unit per selection.
+`materialize/<sel>`, `experts`, `distill/<name>`, `verify`. Per-selection stages have one
+unit per selection; `distill` has one per distill spec (`item` resolves the name).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Stage(ABC):
         if self.per_selection:
             return [f"{self.name}/{s.sel_name}" for s in cfg.select]
         return [self.name]
+
+    def item(self, cfg: "RunConfig", name: str):
+        """The spec a unit `<stage>/<name>` stands for (a selection here; distill overrides)."""
+        return cfg.selection(name) if self.per_selection else None
 
     def config(self, cfg: "RunConfig", sel: "SelectSpec | None") -> dict:
         """The settings this unit depends on (its fingerprint covers exactly these)."""

@@ -27,8 +27,9 @@ class Recipe:
     """How to train: SGD with momentum, a fixed epoch count and an lr schedule.
 
     schedule: `cosine` (per step, to zero) or `step` (lr x `gamma` at each epoch in
-    `milestones`). augment: `none` or `crop_flip` (random 4 px shifted crop and
-    horizontal flip, per sample). bf16 and channels_last apply on CUDA only.
+    `milestones`). augment: `none`, `crop_flip` (random 4 px shifted crop and
+    horizontal flip, per sample) or `dsa:<kinds>` (stages.distill.dsa, per sample, e.g.
+    `dsa:color_crop_flip`: how distilled sets are evaluated). bf16 and channels_last apply on CUDA only.
     """
     epochs: int
     batch_size: int = 128
@@ -70,6 +71,15 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4, fill: float =
     bidx = torch.arange(b, device=x.device)[:, None, None]
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else torch.contiguous_format
     return xp.permute(0, 2, 3, 1)[bidx, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+
+
+def dsa_augment(x: torch.Tensor, kinds: str, gen: torch.Generator) -> torch.Tensor:
+    """DSA transforms of one normalised batch, drawn from the trainer's generator."""
+    from .distill.dsa import augment
+
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else torch.contiguous_format
+    with torch.no_grad():
+        return augment(x, kinds, gen).contiguous(memory_format=fmt)
 
 
 def autocast_for(device: torch.device, bf16: bool):
@@ -128,6 +138,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
             xb, yb = view.inputs(batch.rows)
             if recipe.augment == "crop_flip" and xb.ndim == 4:
                 xb = crop_flip(xb, aug_gen)
+            elif recipe.augment.startswith("dsa:") and xb.ndim == 4:
+                xb = dsa_augment(xb, recipe.augment[4:], aug_gen)
             with autocast():
                 out = model(xb)
             per = F.cross_entropy(out.float(), yb, reduction="none")

@@ -1,8 +1,9 @@
 """verify: one fixed, fair protocol over every training set of the run; compare on the test split.
 
 Training sets: the full training split, every materialized selection (weighted loss
-from its manifest), a random subset of every budget in the run, and every online
-method of `verify.online` (selection inside the trainer). Each gets the same recipe,
+from its manifest), a random subset of every budget in the run, every online
+method of `verify.online` (selection inside the trainer), and every distilled set (its
+learned lr and DSA kinds) beside `random-ipc<k>`: k random real images per class. Each gets the same recipe,
 epochs and seeds; report.json / report.md / PNG plots give test accuracy (mean, std),
 relative error vs full data (subset error - full error), training and end-to-end
 speed-up (curation cost from the stages' own `_stage.json` records) and, on a GPU
@@ -53,13 +54,17 @@ def load_test_split(ctx: StageContext, image_size: int | None):
 class TrainingSet:
     """One row of the comparison: what to train on and what it cost to choose."""
     name: str
-    kind: str  # full | selection | random | online
+    kind: str  # full | selection | random | online | distilled
     method: str
     budget: float | int
     rows: np.ndarray | None = None  # None: the whole training split
     weights: np.ndarray | None = None
     online: object = None  # an OnlineSpec
     curation: dict | None = None  # stage unit -> wall seconds
+    ipc: int | None = None  # random: draw this many per class (the baseline of a distilled set)
+    data: tuple | None = None  # distilled: (float32 images [N, C, H, W], labels [N])
+    lr: float | None = None  # distilled by mtt: the learned lr replaces the recipe's
+    augment: str | None = None  # distilled: "dsa:<kinds>" replaces the recipe's augmentation
 
 
 def stage_seconds(ctx: StageContext, unit: str) -> float:
@@ -68,11 +73,13 @@ def stage_seconds(ctx: StageContext, unit: str) -> float:
 
 
 def curation_units(cfg, spec) -> list[str]:
-    """Every unit a selection's rows depend on (embed, its parts, score, pools), except
-    index, which full-data training needs as much."""
+    """Every unit a selection's rows (or a distilled set) depend on (embed, its parts, score,
+    pools; experts), except index, which full-data training needs as much."""
+    from pipeline.config import DistillSpec
+
     from .registry import STAGES
 
-    units, todo = [], [f"select/{spec.sel_name}"]
+    units, todo = [], [f"{'distill' if isinstance(spec, DistillSpec) else 'select'}/{spec.sel_name}"]
     while todo:
         unit = todo.pop()
         if unit in units or unit == "index":
@@ -80,11 +87,17 @@ def curation_units(cfg, spec) -> list[str]:
         units.append(unit)
         name, _, sel_name = unit.partition("/")
         stage = STAGES[name]
-        todo += stage.upstream(cfg, cfg.selection(sel_name) if stage.per_selection else None)
+        todo += stage.upstream(cfg, stage.item(cfg, sel_name))
     return sorted(units)
 
 
-def training_sets(ctx: StageContext, n_full: int) -> list[TrainingSet]:
+def per_class_subset(labels: np.ndarray, ipc: int, seed: int) -> np.ndarray:
+    """`ipc` random rows of every class (all of a smaller class), grouped by class."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:ipc] for c in np.unique(labels[labels >= 0])])
+
+
+def training_sets(ctx: StageContext, n_full: int, labels: np.ndarray | None = None) -> list[TrainingSet]:
     sets = [TrainingSet("full", "full", "full", 1.0, curation={})]
     sizes_with_random, sizes = set(), []
     for spec in ctx.cfg.select:
@@ -99,7 +112,24 @@ def training_sets(ctx: StageContext, n_full: int) -> list[TrainingSet]:
     for spec in ctx.config["online"]:
         sets.append(TrainingSet(spec["sel_name"], "online", spec["label"], spec["budget"], online=spec, curation={}))
         sizes.append(max(1, int(round(spec["budget"] * n_full))))
+    ipcs = []
+    for spec in ctx.cfg.distill.specs:
+        from .distill.dsa import parse_kinds
+        from .distill.stage import learned_lr, read_distilled
+
+        d = ctx.input_dir(f"distill/{spec.sel_name}")
+        x, y = read_distilled(d)
+        kinds = "_".join(parse_kinds(spec.dsa))
+        sets.append(TrainingSet(spec.sel_name, "distilled", spec.method, spec.ipc, data=(x, y), lr=learned_lr(d),
+                                augment=f"dsa:{kinds}" if kinds else None,
+                                curation={u: stage_seconds(ctx, u) for u in curation_units(ctx.cfg, spec)}))
+        if spec.ipc not in ipcs:
+            ipcs.append(spec.ipc)
     if ctx.config["random_baseline"]:
+        counts = np.bincount(labels[labels >= 0]) if labels is not None else np.ones(1, np.int64)
+        for k in ipcs:
+            n = int(np.minimum(counts[counts > 0], k).sum())
+            sets.append(TrainingSet(f"random-ipc{k}", "random", "random", k, np.arange(n), ipc=k, curation={}))
         for k in sizes:
             if k not in sizes_with_random:
                 sizes_with_random.add(k)
@@ -126,7 +156,10 @@ def recipe_of(c: dict):
 
 
 def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, device, meter: EnergyMeter) -> dict:
-    """Train the recipe once on one training set; test accuracy, seconds, energy, costs."""
+    """Train the recipe once on one training set; test accuracy, seconds, energy, costs.
+    A distilled set trains with its learned lr (mtt) and its DSA kinds instead of the recipe's."""
+    from dataclasses import replace
+
     import torch
 
     from .online import make_selector
@@ -143,7 +176,12 @@ def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, 
         except ValueError as exc:
             raise CurateError(f"verify {ts.name}: {exc}") from None
     e0 = meter.read()
-    fit = train_classifier(model, x, y, weights=ts.weights if ts.kind == "selection" else None, recipe=recipe_of(c),
+    recipe = recipe_of(c)
+    if ts.lr is not None:
+        recipe = replace(recipe, lr=ts.lr)
+    if ts.augment is not None:
+        recipe = replace(recipe, augment=ts.augment)
+    fit = train_classifier(model, x, y, weights=ts.weights if ts.kind == "selection" else None, recipe=recipe,
                            seed=seed, device=device, selector=selector, num_classes=n_classes)
     e1 = meter.read()
     fit["acc"] = accuracy(model, test[0], test[1], device=device)
@@ -175,7 +213,7 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
     accs = [f["acc"] for f in fits]
     energy = [f["energy_j"] for f in fits]
     samples = (max(1, int(round(ts.budget * n_full))) if ts.kind == "online"
-               else n_full if ts.rows is None else len(ts.rows))
+               else len(ts.data[1]) if ts.data is not None else n_full if ts.rows is None else len(ts.rows))
     row = {"name": ts.name, "kind": ts.kind, "method": ts.method, "budget": ts.budget, "samples": int(samples),
            "fraction": samples / n_full,
            "weighted": ts.weights is not None and bool(np.any(ts.weights != 1)),
@@ -185,6 +223,9 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
            "backprop_share": fits[0]["backprop_samples"] / fits[0]["epochs"] / n_full,
            "curation": ts.curation or {}, "curation_seconds": float(sum((ts.curation or {}).values())),
            "energy_j": None if None in energy else float(np.mean(energy))}
+    if ts.kind == "distilled":
+        row["learned_lr"] = ts.lr
+        row["augment"] = ts.augment
     if ts.kind == "online":
         skip = {"seconds", "final_loss", "steps", "backprop_samples", "probe_samples", "acc", "energy_j"}
         row["selector"] = json.loads(json.dumps({k: v for k, v in fits[0].items() if k not in skip}, default=str))
@@ -249,7 +290,8 @@ class VerifyStage(Stage):
         return c
 
     def upstream(self, cfg, sel):
-        return ["index"] + [f"materialize/{s.sel_name}" for s in cfg.select]
+        return (["index"] + [f"materialize/{s.sel_name}" for s in cfg.select]
+                + [f"distill/{s.sel_name}" for s in cfg.distill.specs])
 
     def external_inputs(self, cfg, sel):
         return [(cfg.dataset, "test")]
@@ -262,7 +304,7 @@ class VerifyStage(Stage):
         test = load_test_split(ctx, c["image_size"])
         n_classes = num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels)
         check_input_size(c["recipe"], images.shape[1:])
-        sets = training_sets(ctx, len(labels))
+        sets = training_sets(ctx, len(labels), labels)
         meter = EnergyMeter(ctx.device)
         warm_up(c, images, labels, n_classes, ctx.device)
         journal = Journal(ctx.run_dir / ".verify-progress" / f"{ctx.fingerprint}.jsonl")
@@ -272,6 +314,11 @@ class VerifyStage(Stage):
         for ts in sets:
             if ts.kind == "selection":
                 x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
+            elif ts.kind == "distilled":
+                x, y = ts.data
+                if x.shape[1:] != images.shape[1:]:
+                    raise CurateError(f"verify {ts.name}: distilled images are {x.shape[1:]}, the pool's "
+                                      f"{images.shape[1:]}: rerun distill with verify's image_size")
             else:
                 x, y = images, labels
             fits = []
@@ -279,7 +326,8 @@ class VerifyStage(Stage):
                 fit = journal.get(ts.name, s)
                 if fit is None:
                     if ts.kind == "random":  # a fresh draw per seed: the std covers the subset's luck too
-                        drawn = random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s)
+                        drawn = (per_class_subset(labels, ts.ipc, c["seed"] + 7919 + s) if ts.ipc else
+                                 random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s))
                         x, y = images[drawn], labels[drawn]
                     fit = journal.add(ts.name, s, train_once(c, ts, x, y, test, n_classes, c["seed"] + s,
                                                              ctx.device, meter))

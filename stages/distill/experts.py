@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from torch.nn import functional as F
 
@@ -144,12 +144,23 @@ def train_experts(images: np.ndarray, labels: np.ndarray, *, arch: str, in_shape
             raise ValueError(f"expert {e} diverged (non-finite parameters): lower lr {lr}")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            save_file({"params": traj.contiguous()}, str(tmp), metadata=want)
+            tmp.write_bytes(_canonical(save({"params": traj.contiguous()}, metadata=want)))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         paths.append(path)
     return paths
+
+
+def _canonical(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted: the library writes its metadata
+    map in hash order, which differs between runs, and a rerun must give the same bytes.
+    Tensor offsets are relative to the data section, so only the header is rewritten (padded
+    with spaces to a multiple of 8, as the format recommends)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def _expert_index(path: Path) -> int:
