@@ -37,8 +37,8 @@ def fashion_mnist_catalog(name: str, src: str) -> Catalog:
         return Catalog.load(str(private))
 
 
-def run_bench(description: str, default_config: str):
-    """Parse --config / --set / --src, run every unit of the config (cached) and return the runner."""
+def bench_runner(description: str, default_config: str, add_args=None):
+    """Parse --config / --set / --src (plus `add_args(parser)`'s own); returns (args, runner)."""
     from pipeline.config import load_config
     from pipeline.runner import Runner
 
@@ -46,11 +46,19 @@ def run_bench(description: str, default_config: str):
     p.add_argument("--config", default=str(ROOT / "configs" / default_config))
     p.add_argument("--set", action="append", default=[], dest="overrides")
     p.add_argument("--src", default=os.environ.get("CURATE_FMNIST", str(ROOT.parent / "shared/datasets/fashion-mnist")))
+    if add_args is not None:
+        add_args(p)
     a = p.parse_args()
     os.chdir(ROOT)
     cfg = load_config(a.config, a.overrides)
     runner = Runner(cfg, fashion_mnist_catalog(cfg.dataset, a.src))
     runner.write_run_json()
+    return a, runner
+
+
+def run_bench(description: str, default_config: str):
+    """bench_runner, then every unit of the config (cached); returns the runner."""
+    _, runner = bench_runner(description, default_config)
     for unit in runner.units():
         t0 = time.perf_counter()
         res = runner.run(unit)

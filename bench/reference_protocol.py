@@ -11,8 +11,6 @@ cheap rows; on a GPU run them all:
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,16 +20,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
 from pipeline.energy import EnergyMeter  # noqa: E402
 from pipeline.manifest import read_parquet  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
 from stages.embed import load_index_arrays, num_classes_of  # noqa: E402
 from stages.selection import random_subset  # noqa: E402
 from stages.verify import TrainingSet, VerifyStage, load_test_split, train_once  # noqa: E402
 
-from bench._fmnist import fashion_mnist_catalog  # noqa: E402
+from bench._fmnist import bench_runner  # noqa: E402
 
 # the issue's H100 plain script: convnet3, SGD lr 0.01 m 0.9 wd 5e-4, batch 256, 20 epochs, lr x0.1 at 10, bf16
 REFERENCE = {"full": "93.44 (20.2 s)", "random-0.1": "88.40 +- 0.17 (1.9 s)", "random-0.3": "91.08 +- 0.15 (5.7 s)",
@@ -39,17 +35,12 @@ REFERENCE = {"full": "93.44 (20.2 s)", "random-0.1": "88.40 +- 0.17 (1.9 s)", "r
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", nargs="+", default=["random-0.1", "difficulty-0.1"], choices=sorted(REFERENCE))
-    p.add_argument("--seeds", type=int, default=None, help="default: the config's verify.seeds")
-    p.add_argument("--config", default=str(ROOT / "configs" / "fmnist-verify.yaml"))
-    p.add_argument("--set", action="append", default=[], dest="overrides")
-    p.add_argument("--src", default=os.environ.get("CURATE_FMNIST", str(ROOT.parent / "shared/datasets/fashion-mnist")))
-    a = p.parse_args()
-    os.chdir(ROOT)
-    cfg = load_config(a.config, a.overrides)
-    runner = Runner(cfg, fashion_mnist_catalog(cfg.dataset, a.src))
-    runner.write_run_json()
+    def add_args(p):
+        p.add_argument("--sets", nargs="+", default=["random-0.1", "difficulty-0.1"], choices=sorted(REFERENCE))
+        p.add_argument("--seeds", type=int, default=None, help="default: the config's verify.seeds")
+
+    a, runner = bench_runner(__doc__.splitlines()[0], "fmnist-verify.yaml", add_args)
+    cfg = runner.cfg
     for unit in ["index"] + [u for u in ("embed", "score") if any(s.startswith("difficulty") for s in a.sets)] + \
             [f"select/{s}" for s in a.sets if s.startswith("difficulty")]:
         print(f"{unit}: {runner.run(unit)['status']}", flush=True)

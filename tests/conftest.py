@@ -64,3 +64,27 @@ def files_under(d: Path) -> dict[str, bytes]:
     """relative path -> bytes for every file except _stage.json (which holds times)."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
             if p.is_file() and p.name != "_stage.json"}
+
+
+def digits_split(upscale: int = 1):
+    """sklearn's digits as uint8 [N, 1, 8u, 8u] (nearest-neighbour upscaled u times) and labels,
+    split 1400 train / 397 held out by one fixed permutation."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * 16).clip(0, 255).astype(np.uint8)[:, None]
+    x = x.repeat(upscale, axis=2).repeat(upscale, axis=3)
+    perm = np.random.default_rng(0).permutation(len(d.target))
+    return x[perm[:1400]], d.target[perm[:1400]], x[perm[1400:]], d.target[perm[1400:]]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny convolutions: one thread is faster than several here, and the sums are repeatable."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,9 +20,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch.func import functional_call
 
+from tests.conftest import digits_split
 from stages.distill import experts as ex
 from stages.distill.experts import flat_params, load_buffer, param_shapes, train_experts, unflatten
 from stages.distill.mtt import distill_mtt
@@ -36,21 +36,12 @@ DATA = "digits-train-1400"
 MTT = dict(syn_steps=5, expert_epochs=2, max_start_epoch=2, lr_img=0.01, lr_lr=3e-4, lr_init=0.01, device=CPU)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """8x8 images: threads only add overhead, and the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def split():
-    d = load_digits()
-    x = (d.images * 16).clip(0, 255).astype(np.uint8)[:, None]
-    perm = np.random.default_rng(0).permutation(len(d.target))
-    return x[perm[:1400]], d.target[perm[:1400]], x[perm[1400:]], d.target[perm[1400:]]
+    return digits_split()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
@@ -29,12 +28,7 @@ MTT = {"method": "mtt", "ipc": 1, "iterations": 10, "syn_steps": 3, "expert_epoc
 DM = {"method": "dm", "ipc": 2, "iterations": 10, "width": 16, "batch_real": 64, "dsa": "flip_crop"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def runner_for(run_dir, catalog, specs=(MTT, DM), experts=EXPERTS, **sections) -> Runner:

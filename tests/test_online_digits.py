@@ -10,8 +10,8 @@ std), so the test holds 10%.
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
+from tests.conftest import digits_split
 from stages.models import build_model
 from stages.online import make_selector
 from stages.training import Recipe, accuracy, train_classifier
@@ -22,10 +22,7 @@ RECIPE = Recipe(epochs=10, batch_size=32, lr=0.1, schedule="step", milestones=(5
 
 @pytest.fixture(scope="module")
 def split():
-    d = load_digits()
-    x = (d.images * 16).clip(0, 255).astype(np.uint8)[:, None]
-    perm = np.random.default_rng(0).permutation(len(d.target))
-    return x[perm[:1400]], d.target[perm[:1400]], x[perm[1400:]], d.target[perm[1400:]]
+    return digits_split()
 
 
 def mean_accuracy(split, method: str, fraction: float) -> float:
