@@ -412,18 +412,8 @@ class RunConfig(Section):
         if clash:
             raise ValueError(f"distill name {clash[0]!r} is also a selection's or an online method's name "
                              "(set 'name' on one)")
-        dup = sorted({n for n in dnames if dnames.count(n) > 1})
-        if dup:
-            raise ValueError(f"distill names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
-        bad = [n for n in dnames if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
-        if bad:
-            raise ValueError(f"distill name {bad[0]!r} may only hold letters, digits and _ . + -")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"selection names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
-        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
-        if bad:
-            raise ValueError(f"selection name {bad[0]!r} may only hold letters, digits and _ . + -")
+        check_names("distill", dnames)
+        check_names("selection", names)
         for i, spec in enumerate(self.select):
             if spec.pool is not None and spec.pool not in names[:i]:
                 raise ValueError(f"select.{i}.pool: '{spec.pool}' is not an earlier selection of this run "
@@ -445,6 +435,16 @@ class RunConfig(Section):
                 return s
         have = ", ".join(s.sel_name for s in self.distill.specs) or "none"
         raise CurateError(f"config: no distill spec named '{name}' (have: {have})")
+
+
+def check_names(kind: str, names: list[str]) -> None:
+    """Unit names are directory names: unique, and letters, digits and _ . + - only."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{kind} names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
+    if bad:
+        raise ValueError(f"{kind} name {bad[0]!r} may only hold letters, digits and _ . + -")
 
 
 DEMO_CONFIG: dict[str, Any] = {
