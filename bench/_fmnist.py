@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fashion_mnist_catalog(name: str, src: str) -> Catalog:
     """The repo's catalog where its entry's shards exist (`make fashion-mnist`); else shards
-    ingested into data/ with a catalog of their own there, leaving the tracked one alone."""
+    ingested into data/ with a catalog of their own there, leaving the tracked one alone.
+    `name` digits ingests scikit-learn's digits instead of the idx files under `src`."""
     catalog = Catalog.load(str(ROOT / "data_catalog.yaml"))
     try:
         catalog.shards(name, "train")
@@ -33,7 +34,10 @@ def fashion_mnist_catalog(name: str, src: str) -> Catalog:
                 pass
         from pipeline.ingest import ingest
 
-        ingest("idx", ROOT / "data" / "fashion-mnist", name, src=src, catalog=str(private))
+        if name == "digits":  # scikit-learn's bundled copy (the CPU-sized configs)
+            ingest("digits", ROOT / "data" / "digits", name, catalog=str(private))
+        else:
+            ingest("idx", ROOT / "data" / "fashion-mnist", name, src=src, catalog=str(private))
         return Catalog.load(str(private))
 
 

@@ -26,17 +26,30 @@ def _fail(exc: Exception) -> None:
 
 
 @app.command()
-def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagefolder"),
+def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagefolder | fmnist-pairs"),
            out: Path = typer.Option(..., "--out", help="folder for the shards"),
            name: str = typer.Option(..., "--name", help="catalog entry to add or replace"),
-           src: Optional[str] = typer.Option(None, "--src", help="source folder (idx, cifar, imagefolder)"),
+           src: Optional[str] = typer.Option(None, "--src", help="source folder (idx, cifar, imagefolder, fmnist-pairs)"),
            catalog: Optional[str] = typer.Option(None, "--catalog"),
-           shard_size: int = typer.Option(10000, "--shard-size", min=1)):
-    """Write train/test WebDataset shards and sizes.json, and add the catalog entry NAME."""
+           shard_size: int = typer.Option(10000, "--shard-size", min=1),
+           noise: Optional[float] = typer.Option(None, "--noise",
+                                                 help="fmnist-pairs: fraction of train captions naming a wrong class, in [0, 1) (default 0.3)"),
+           seed: Optional[int] = typer.Option(None, "--seed", help="fmnist-pairs: seed of the subset and the captions (default 0)"),
+           train_size: Optional[int] = typer.Option(None, "--train-size",
+                                                    help="fmnist-pairs: keep a seeded, class-stratified subset of N train images (default all 60,000)")):
+    """Write train/test WebDataset shards and sizes.json, and add the catalog entry NAME.
+
+    fmnist-pairs: an image-caption benchmark from the Fashion-MNIST idx files in --src.
+    Train captions "a photo of a {name}" / "a {adjective} {name}"; exactly
+    round(noise * N) of them name a wrong class. .cls keeps the true class, .json holds
+    {"caption_class": c}; test captions are clean. Example:
+    curate ingest fmnist-pairs --src ../shared/datasets/fashion-mnist --out data/fmnist-pairs
+    --name fmnist-pairs --noise 0.3 --seed 0 --train-size 5000
+    """
     from .ingest import ingest as do_ingest
 
     try:
-        entry = do_ingest(source, out, name, src, catalog, shard_size)
+        entry = do_ingest(source, out, name, src, catalog, shard_size, noise=noise, seed=seed, train_size=train_size)
     except CurateError as exc:
         _fail(exc)
     typer.echo(f"catalog entry '{name}': " + json.dumps(entry.splits))

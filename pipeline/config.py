@@ -42,8 +42,28 @@ class IndexConfig(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
 
 
+class ClipConfig(Section):
+    """A small open_clip CLIP trained from scratch (stages.clip): the proxy that embeds image-caption
+    pairs (embed.method proxy_clip) and the model verify trains on each set (verify.recipe clip).
+    Defaults: the issue's calibration recipe (ViT 4 x 192, patch 4; text 3 x 128, context 16;
+    embed 128; AdamW lr 1e-3 one-cycle, 15 epochs, batch 512, bf16 on CUDA)."""
+
+    embed_dim: int = Field(128, ge=8)
+    vision_layers: int = Field(4, ge=1)
+    vision_width: int = Field(192, ge=16)
+    patch: int = Field(4, ge=1)
+    text_layers: int = Field(3, ge=1)
+    text_width: int = Field(128, ge=16)
+    context: int = Field(16, ge=4)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    bf16: bool = True  # CUDA only
+
+
 class EmbedConfig(Section):
-    method: Literal["proxy", "open_clip"] = "proxy"
+    method: Literal["proxy", "open_clip", "proxy_clip"] = "proxy"
     epochs: int = Field(3, ge=1)
     seeds: int = Field(1, ge=1)  # proxy runs; training-dynamics scores average over them
     arch: Literal["auto", "small_cnn", "resnet18"] = "auto"  # auto: small_cnn below 32 px, else resnet18
@@ -57,6 +77,9 @@ class EmbedConfig(Section):
     pretrained: str | None = None  # an open_clip tag, a local checkpoint path, or None (random weights)
     num_workers: int = Field(2, ge=0)
     shard_groups: int = Field(1, ge=1)  # >1: embed_part units the flow maps over workers
+    # proxy_clip only: the CLIP trained on the pairs, and how many augmented views SAS averages
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    views: int = Field(4, ge=1)
 
 
 Budget = StrictInt | StrictFloat
@@ -74,7 +97,7 @@ def check_budget(budget: Budget) -> Budget:
     return budget
 
 
-SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence")
+SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence", "clip")
 VALUE_SCORES = frozenset({"knn_shapley", "influence"})  # higher = more valuable, not harder
 VALIDATED_SCORES = frozenset({"knn_shapley", "influence"})
 
@@ -170,7 +193,60 @@ class DedupSpec(SelectSpec):
         return self.name or f"dedup-eps{self.eps}"
 
 
-SPEC_TYPES = (RandomSpec, StratifiedSpec, CraigSpec, GradMatchSpec, DifficultySpec, CcsSpec, DedupSpec)
+GROUPS = Literal["kmeans", "labels"]  # pseudo-classes of image-caption data: k-means on embeddings, or labels
+
+
+class ClipCovSpec(SelectSpec):
+    """Per pseudo-class greedy that keeps the subset's image-caption cross-covariance close to
+    the full data's, minus a redundancy penalty (stages.coresets.clipcov)."""
+
+    method: Literal["clipcov"]
+    groups: GROUPS = "kmeans"
+    clusters: int = Field(10, ge=1)  # kmeans
+    lam: float = Field(1.0, ge=0)  # weight of the redundancy term
+    gate: float | None = Field(3.0, ge=0)  # misaligned: CLIP score this many robust stds below the group's median
+    pool_factor: float | None = Field(1.5, ge=1)  # picks come from the ceil(pool_factor * k) best-scored pairs first
+    device: DEVICE = "auto"
+
+
+class ClipScoreSpec(SelectSpec):
+    """DataComp-style filter: the top `budget` pairs by image-caption cosine, or (budget: null)
+    every pair at or above `threshold`."""
+
+    method: Literal["clipscore"]
+    budget: Budget | None = None
+    threshold: float | None = Field(None, ge=-1, le=1)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check(cls, v):  # replaces SelectSpec's check: a budget or a threshold
+        return None if v is None else check_budget(v)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.budget is None) == (self.threshold is None):
+            raise ValueError("clipscore takes a budget or a threshold, not both and not neither")
+        return self
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or (f"clipscore-{self.budget}" if self.budget is not None else f"clipscore-t{self.threshold}")
+
+
+class SasSpec(SelectSpec):
+    """SAS: per pseudo-class facility location on the images' mean embedding over augmented
+    views (embed/image_views.npy from proxy_clip; the plain image embeddings otherwise)."""
+
+    method: Literal["sas"]
+    groups: GROUPS = "kmeans"
+    clusters: int = Field(10, ge=1)
+    optimizer: Literal["lazy", "stochastic"] = "stochastic"
+    eps: float = Field(0.01, gt=0, lt=1)
+    device: DEVICE = "auto"
+
+
+SPEC_TYPES = (RandomSpec, StratifiedSpec, CraigSpec, GradMatchSpec, DifficultySpec, CcsSpec, DedupSpec,
+              ClipCovSpec, ClipScoreSpec, SasSpec)
 SELECT_METHODS = tuple(c.model_fields["method"].annotation.__args__[0] for c in SPEC_TYPES)
 AnySpec = Annotated[Union[SPEC_TYPES], Field(discriminator="method")]
 
@@ -230,7 +306,7 @@ class OnlineSpec(Section):
 class VerifyConfig(Section):
     """The fixed training protocol every training set gets (defaults: the DD ConvNet recipe)."""
 
-    recipe: Literal["convnet3", "resnet18", "mlp", "small_cnn"] = "convnet3"
+    recipe: Literal["convnet3", "resnet18", "mlp", "small_cnn", "clip"] = "convnet3"
     epochs: int = Field(20, ge=1)
     seeds: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -247,8 +323,23 @@ class VerifyConfig(Section):
     width: int | None = Field(None, ge=4)  # default: the recipe's own
     image_size: int | None = Field(None, ge=4)
     random_baseline: bool = True
+    # distilled sets and their random-ipc baselines: a few images per class need many more
+    # epochs than a real subset (the DD protocol); lr x gamma half-way through
+    ipc_epochs: int = Field(300, ge=1)
     online: list[OnlineSpec] = Field(default_factory=list)
+    # recipe clip: the CLIP every image-caption set trains (zero-shot accuracy with class-name
+    # prompts is the reported accuracy; a linear probe on its image features beside it)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of a {}"], min_length=1)  # {} = a class name
     device: DEVICE = "auto"
+
+    @field_validator("prompts")
+    @classmethod
+    def _slot(cls, v):
+        bad = [p for p in v if p.count("{}") != 1]
+        if bad:
+            raise ValueError(f"prompt {bad[0]!r} needs exactly one {{}} for the class name")
+        return v
 
     @field_validator("online", mode="before")
     @classmethod
@@ -260,6 +351,8 @@ class VerifyConfig(Section):
         for m in self.milestones or []:
             if not 0 < m < self.epochs:
                 raise ValueError(f"milestone {m} is outside the training (1..{self.epochs - 1})")
+        if self.recipe == "clip" and self.online:
+            raise ValueError("online selection trains classifiers; recipe clip trains a CLIP on pairs (drop verify.online)")
         names = [s.sel_name for s in self.online]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -414,6 +507,8 @@ class RunConfig(Section):
                              "(set 'name' on one)")
         check_names("distill", dnames)
         check_names("selection", names)
+        if self.verify.recipe == "clip" and self.distill.specs:
+            raise ValueError("distilled sets are images without captions: verify.recipe clip cannot train on them")
         for i, spec in enumerate(self.select):
             if spec.pool is not None and spec.pool not in names[:i]:
                 raise ValueError(f"select.{i}.pool: '{spec.pool}' is not an earlier selection of this run "

@@ -2,20 +2,37 @@
 
 Sources: `digits` (scikit-learn's bundled copy, no download), `idx` (MNIST-format
 .gz files), `cifar` (CIFAR-10/100 python batches, read with a restricted unpickler
-that only rebuilds plain containers and numpy arrays) and `imagefolder`
-(`train/<class>/*`, optional `test/<class>/*`, optional `.txt` caption per image).
+that only rebuilds plain containers and numpy arrays), `imagefolder`
+(`train/<class>/*`, optional `test/<class>/*`, optional `.txt` caption per image; the
+images without one are counted and reported, since the index stage refuses or skips
+them once the catalog declares captions) and `fmnist-pairs`.
+
+`fmnist-pairs` generates an image-caption benchmark from the Fashion-MNIST idx files
+in `--src`. Class names (also the catalog's `class_names`): t-shirt, trouser,
+pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot. Each train image gets
+a caption from `pair_captions`: "a photo of a {name}" or "a {adjective} {name}"
+(template and adjective drawn with a seeded numpy Generator), and exactly
+round(noise * N) randomly chosen images (`--noise`, default 0.3) get a caption naming
+a wrong class, drawn uniformly among the other nine. `.cls` keeps the TRUE class;
+`.json` records `{"caption_class": c}`, the class the caption names. Test images get
+their true class and the clean caption "a photo of a {name}". `--train-size N` keeps a
+seeded, class-stratified subset of the 60,000 train images (in their original order);
+`--seed` (default 0) seeds both the subset and the captions. A benchmark recomputes
+which pairs are clean from the index's labels (row order) alone:
+`pair_captions(labels, FMNIST_CLASSES, noise, seed)`.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import pickle
 import shutil
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -33,6 +50,7 @@ class RawSample:
     data: bytes | None = None  # already-encoded image bytes ...
     ext: str = "png"  # ... and their extension
     caption: str | None = None
+    meta: dict | None = None  # written as the .json member
 
 
 @dataclass
@@ -43,6 +61,7 @@ class RawDataset:
     has_caption: bool = False
     class_names: list[str] | None = None
     description: str = ""
+    notes: list[str] = field(default_factory=list)  # printed once the shards are written
 
 
 # ---------------------------------------------------------------- sources
@@ -177,10 +196,12 @@ def read_imagefolder(src: str | None) -> RawDataset:
         raise CurateError(f"imagefolder {src}: train/ holds no class folders")
     exts: set[str] = set()
     has_caption = False
+    uncaptioned: dict[str, int] = {}  # split -> images without a (non-empty) caption
 
     def files(split):
         nonlocal has_caption
         out = []
+        uncaptioned[split] = 0
         for label, cls in enumerate(classes):
             folder = root / split / cls
             if not folder.is_dir():
@@ -197,6 +218,7 @@ def read_imagefolder(src: str | None) -> RawDataset:
                 except UnicodeDecodeError:
                     raise CurateError(f"imagefolder caption {cap}: not UTF-8 text") from None
                 has_caption |= caption is not None
+                uncaptioned[split] += not caption
                 exts.add(ext)
                 out.append(RawSample(label=label, data=data, ext=ext, caption=caption))
         return out
@@ -204,13 +226,105 @@ def read_imagefolder(src: str | None) -> RawDataset:
     splits = {"train": files("train")}
     if (root / "test").is_dir():
         splits["test"] = files("test")
+    notes = []
+    missing = sum(uncaptioned.values())
+    if has_caption and missing:
+        total = sum(len(v) for v in splits.values())
+        per_split = ", ".join(f"{k} {v}" for k, v in uncaptioned.items())
+        notes.append(f"ingest imagefolder: {missing} of {total} images have no caption (missing or empty .txt; "
+                     f"{per_split}); the catalog entry declares captions, so the index stage refuses them "
+                     "(index.on_error: raise) or skips them (skip)")
     return RawDataset(splits, len(classes), sorted(exts), has_caption, classes,
-                      description=f"image folder {root.name}")
+                      description=f"image folder {root.name}", notes=notes)
+
+
+FMNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+PAIR_TEMPLATES = ("a photo of a {name}", "a {adj} {name}")
+PAIR_ADJECTIVES = ("black", "white", "grey", "small", "large", "plain", "striped", "dark")
+PAIR_OPTIONS = {"noise": "--noise", "seed": "--seed", "train_size": "--train-size"}
+
+
+def pair_captions(labels: np.ndarray, class_names, noise: float, seed: int) -> tuple[list[str], np.ndarray]:
+    """Captions for images of classes `labels`, exactly round(noise * N) of them naming a wrong class.
+
+    Returns (captions, caption_classes): caption i is "a photo of a {name}" or
+    "a {adjective} {name}" with name = class_names[caption_classes[i]]. The wrong
+    captions sit at round(noise * N) distinct random positions, each naming a class
+    drawn uniformly among the other len(class_names) - 1; every other caption names
+    labels[i]. A pure function: the same inputs give the same output.
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    names = list(class_names)
+    k, n = len(names), len(labels)
+    if not 0.0 <= noise < 1.0:
+        raise CurateError(f"pair_captions: noise {noise} is outside [0, 1)")
+    if n and not (0 <= labels.min() and labels.max() < k):
+        raise CurateError(f"pair_captions: labels must be in [0, {k}) (the {k} class names)")
+    rng = np.random.default_rng(seed)
+    n_flip = int(round(noise * n))
+    if n_flip and k < 2:
+        raise CurateError("pair_captions: a wrong caption needs at least 2 classes")
+    flipped = rng.choice(n, size=n_flip, replace=False)
+    caption_classes = labels.copy()
+    if n_flip:  # a wrong class: the true one shifted by 1..k-1, uniformly
+        caption_classes[flipped] = (labels[flipped] + rng.integers(1, k, size=n_flip)) % k
+    templates = rng.integers(0, len(PAIR_TEMPLATES), size=n)
+    adjectives = rng.integers(0, len(PAIR_ADJECTIVES), size=n)
+    captions = [PAIR_TEMPLATES[t].format(name=names[c], adj=PAIR_ADJECTIVES[a])
+                for c, t, a in zip(caption_classes.tolist(), templates.tolist(), adjectives.tolist())]
+    return captions, caption_classes
+
+
+def read_fmnist_pairs(src: str | None, noise: float | None = None, seed: int | None = None,
+                      train_size: int | None = None) -> RawDataset:
+    """Fashion-MNIST image-caption pairs with `noise` wrong captions in train (see the module docstring)."""
+    if not src:
+        raise CurateError("ingest fmnist-pairs: --src DIR with the Fashion-MNIST *-idx?-ubyte.gz files is required")
+    noise = 0.3 if noise is None else float(noise)
+    seed = 0 if seed is None else int(seed)
+    k = len(FMNIST_CLASSES)
+    if not 0.0 <= noise < 1.0:
+        raise CurateError(f"ingest fmnist-pairs: --noise {noise} is outside [0, 1)")
+    if seed < 0:
+        raise CurateError(f"ingest fmnist-pairs: --seed {seed} must be >= 0")
+    if train_size is not None and train_size < k:
+        raise CurateError(f"ingest fmnist-pairs: --train-size {train_size} is below the number of classes ({k})")
+    images, labels = read_idx_arrays(src, "train")
+    if len(labels) and int(labels.max()) >= k:
+        raise CurateError(f"ingest fmnist-pairs: {src} has train label {int(labels.max())}; Fashion-MNIST has {k} classes")
+    if train_size is not None and train_size > len(labels):
+        raise CurateError(f"ingest fmnist-pairs: --train-size {train_size} is more than the {len(labels)} "
+                          "train images available")
+    rows = np.arange(len(labels))
+    if train_size is not None and train_size < len(labels):
+        from stages.selection import stratified_subset  # seeded, class proportions kept
+
+        rows = np.sort(stratified_subset(labels.astype(np.int64), train_size, seed))
+    sub_labels = labels[rows].astype(np.int64)
+    captions, caption_classes = pair_captions(sub_labels, FMNIST_CLASSES, noise, seed)
+
+    def train():
+        for r, y, cap, c in zip(rows.tolist(), sub_labels.tolist(), captions, caption_classes.tolist()):
+            yield RawSample(label=y, image=images[r], caption=cap, meta={"caption_class": c})
+
+    def test():
+        x, y = read_idx_arrays(src, "t10k")
+        for img, c in zip(x, y.tolist()):
+            yield RawSample(label=c, image=img, caption=PAIR_TEMPLATES[0].format(name=FMNIST_CLASSES[c]),
+                            meta={"caption_class": c})
+
+    return RawDataset({"train": train(), "test": test()}, k, ["png"], has_caption=True,
+                      class_names=list(FMNIST_CLASSES),
+                      description=(f"Fashion-MNIST image-caption pairs from {Path(src).name}: {len(rows)} train "
+                                   f"images{' (class-stratified subset)' if len(rows) < len(labels) else ''}, "
+                                   f"noise {noise} ({int(round(noise * len(rows)))} wrong captions), seed {seed}"))
 
 
 SOURCES: dict[str, Callable[[str | None], RawDataset]] = {
     "digits": read_digits, "idx": read_idx, "cifar": read_cifar, "imagefolder": read_imagefolder,
+    "fmnist-pairs": read_fmnist_pairs,
 }
+SOURCE_OPTIONS = {"fmnist-pairs": set(PAIR_OPTIONS)}  # the options each source accepts beyond --src
 
 
 # ---------------------------------------------------------------- writing
@@ -225,6 +339,8 @@ def write_split(samples: Iterable[RawSample], out: Path, split: str, shard_size:
                 members[s.ext] = s.data
             if s.caption is not None:
                 members["txt"] = s.caption.encode()
+            if s.meta is not None:
+                members["json"] = json.dumps(s.meta, sort_keys=True).encode()
             writer.write(f"{split}_{i:07d}", members)
             if progress:
                 progress(1)
@@ -232,13 +348,23 @@ def write_split(samples: Iterable[RawSample], out: Path, split: str, shard_size:
 
 
 def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = None,
-           catalog: str | None = None, shard_size: int = 10000) -> DatasetEntry:
-    """Write train/test shards of `source` into `out` and add catalog entry `name`."""
+           catalog: str | None = None, shard_size: int = 10000, *, noise: float | None = None,
+           seed: int | None = None, train_size: int | None = None) -> DatasetEntry:
+    """Write train/test shards of `source` into `out` and add catalog entry `name`.
+
+    noise / seed / train_size apply to `fmnist-pairs` only (None: its defaults).
+    """
     if source not in SOURCES:
         raise CurateError(f"ingest: unknown source '{source}' (choose from {', '.join(SOURCES)})")
+    options = {k: v for k, v in (("noise", noise), ("seed", seed), ("train_size", train_size)) if v is not None}
+    extra = [PAIR_OPTIONS[k] for k in options if k not in SOURCE_OPTIONS.get(source, set())]
+    if extra:
+        users = ", ".join(s for s, opts in SOURCE_OPTIONS.items() if set(options) & opts)
+        raise CurateError(f"ingest {source}: {', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} "
+                          f"to {users} only")
     if src and not Path(src).exists():
         raise CurateError(f"ingest {source}: --src {src} does not exist")
-    raw = SOURCES[source](src)
+    raw = SOURCES[source](src, **options)
     out = Path(out).absolute()
     cat = Catalog.load(catalog, missing_ok=True)
     from tqdm import tqdm
@@ -273,4 +399,6 @@ def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = Non
         class_names=raw.class_names,
     )
     cat.set_entry(name, entry)
+    for note in raw.notes:
+        print(note)
     return entry

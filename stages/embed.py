@@ -58,10 +58,10 @@ class EmbedStage(Stage):
 
     def config(self, cfg, sel):
         """Only the settings the chosen method reads (num_workers changes no output)."""
-        unused = ({"epochs", "seeds", "lr", "width", "image_size"} if cfg.embed.method == "open_clip"
-                  else {"model", "pretrained", "shard_groups"}) | {"num_workers"}
-        if cfg.embed.method == "open_clip":
-            unused.add("arch")
+        unused = {"open_clip": {"epochs", "seeds", "lr", "width", "image_size", "arch", "clip", "views"},
+                  "proxy": {"model", "pretrained", "shard_groups", "clip", "views"},
+                  "proxy_clip": {"epochs", "seeds", "lr", "width", "arch", "model", "pretrained", "shard_groups"},
+                  }[cfg.embed.method] | {"num_workers"}
         c = {"seed": cfg.seed, **cfg.embed.model_dump(exclude=unused)}
         if cfg.embed.method == "open_clip":
             c["num_workers"] = cfg.embed.num_workers  # the loader needs it; harmless in the fingerprint
@@ -75,6 +75,8 @@ class EmbedStage(Stage):
     def run(self, ctx: StageContext) -> None:
         if ctx.config["method"] == "open_clip":
             return self.run_open_clip(ctx)
+        if ctx.config["method"] == "proxy_clip":
+            return self.run_proxy_clip(ctx)
         from tqdm import tqdm
 
         c = ctx.config
@@ -108,6 +110,49 @@ class EmbedStage(Stage):
         (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         ctx.metrics.update({"dim": feats.shape[1], "train_seconds": round(out["seconds"], 3),
                             "train_accuracy": float((final.argmax(1) == labels).mean())})
+
+    def run_proxy_clip(self, ctx: StageContext) -> None:
+        """Train a small CLIP on the pool's pairs (stages.clip), then embed both towers with it:
+        embeddings.npy (images), text_embeddings.npy (captions), image_views.npy (mean over
+        `views` augmented views, for SAS), the same for val; clip.safetensors + .json keep it."""
+        from tqdm import tqdm
+
+        from .clip import build_clip, embed_images, embed_texts, save_clip, tokenize, train_clip
+        from .verify_clip import captions_of, clip_arch, clip_recipe
+
+        c = ctx.config
+        index, images, _ = load_index_arrays(ctx, c["image_size"])
+        tokens, truncated = tokenize(captions_of(index, "embed proxy_clip"), c["clip"]["context"])
+        arch = clip_arch(c["clip"])
+        model = build_clip(arch, tuple(images.shape[2:]), seed=c["seed"])
+        with tqdm(total=c["clip"]["epochs"], desc="embed: proxy CLIP epochs", disable=None) as bar:
+            fit = train_clip(model, images, tokens, recipe=clip_recipe(c["clip"]), seed=c["seed"], device=ctx.device,
+                             progress=bar.update)
+        if not np.isfinite(fit["final_loss"]):
+            raise CurateError("embed proxy_clip: training diverged (non-finite loss); lower embed.clip.lr")
+        model.eval()
+        outputs = {"embeddings.npy": embed_images(model, images, device=ctx.device, batch_size=c["batch_size"]),
+                   "text_embeddings.npy": embed_texts(model, tokens, device=ctx.device, batch_size=c["batch_size"]),
+                   "image_views.npy": embed_images(model, images, device=ctx.device, batch_size=c["batch_size"],
+                                                   views=c["views"], seed=c["seed"])}
+        val = ctx.input_dir("index") / "val.parquet"
+        if val.exists():
+            vindex, vimages, _ = load_index_arrays(ctx, c["image_size"], "val.parquet")
+            vtokens, _ = tokenize(captions_of(vindex, "embed proxy_clip (val)"), c["clip"]["context"])
+            outputs["val_embeddings.npy"] = embed_images(model, vimages, device=ctx.device, batch_size=c["batch_size"])
+            outputs["val_text_embeddings.npy"] = embed_texts(model, vtokens, device=ctx.device,
+                                                             batch_size=c["batch_size"])
+        meta = {"method": "proxy_clip", "clip": c["clip"], "views": c["views"], "dtype": "float16", "normalised": True}
+        for name, arr in outputs.items():
+            if not np.isfinite(arr).all():
+                raise CurateError(f"embed proxy_clip: {name} row {int(np.flatnonzero(~np.isfinite(arr).all(1))[0])} "
+                                  "is not finite")
+            np.save(ctx.out / name, arr.astype(np.float16))
+            meta[name] = list(arr.shape)
+        save_clip(model, arch, ctx.out / "clip.safetensors")
+        (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        ctx.metrics.update({"dim": int(outputs["embeddings.npy"].shape[1]), "train_seconds": round(fit["seconds"], 3),
+                            "final_loss": float(fit["final_loss"]), "captions_truncated": int(truncated)})
 
     def run_open_clip(self, ctx: StageContext) -> None:
         """Encode the pool (or concatenate the embed_part/<g> units that did) and the val split."""

@@ -2,14 +2,18 @@
 
 Checks per sample: no pickle member (never decoded), a key without dots and unique
 across shards, an image member that decodes, a label in range where the dataset has
-labels, a UTF-8 caption. `on_error: raise` stops at the first bad sample with a line
-naming it; `skip` leaves it out and lists it in `_stage.json`.
+labels and, where the catalog entry declares a caption field, a caption member that is
+UTF-8 and not empty or whitespace only. `on_error: raise` stops at the first bad sample
+with a line naming it; `skip` leaves it out and counts it: `_stage.json` metrics hold
+`skipped` (total), `skipped_by_reason` (reason -> count, e.g. no_caption,
+empty_caption) and `skipped_samples` (the first 100: shard, key, reason, error).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -23,31 +27,64 @@ from pipeline.errors import CurateError, ShardError
 MAX_LISTED = 100
 
 
+def bad_sample(reason: str, message: str) -> ShardError:
+    """A ShardError tagged with a short reason (the key of `skipped_by_reason`)."""
+    exc = ShardError(message)
+    exc.reason = reason
+    return exc
+
+
+def reason_of(exc: Exception) -> str:
+    return getattr(exc, "reason", "other")
+
+
+@contextmanager
+def _because(reason: str):
+    """Tag ShardErrors raised by the shared decoders with `reason`."""
+    try:
+        yield
+    except ShardError as exc:
+        if not hasattr(exc, "reason"):
+            exc.reason = reason
+        raise
+
+
+def check_caption(sample, where: str, field: str) -> str:
+    """The caption of a sample whose dataset declares caption member `field`; raises if missing or empty."""
+    if field not in sample.members:
+        raise bad_sample("no_caption", f"{where} has no caption (member .{field} missing)")
+    try:
+        caption = sample.members[field].decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_sample("caption_not_utf8", f"{where}: caption is not UTF-8") from None
+    if not caption.strip():
+        raise bad_sample("empty_caption", f"{where} has an empty caption (.{field} is empty or whitespace only)")
+    return caption
+
+
 def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict[str, str]) -> tuple[int | None, str | None, tuple]:
-    """Validate one sample; returns (label, caption, image shape) or raises ShardError."""
+    """Validate one sample; returns (label, caption, image shape) or raises ShardError (with `.reason`)."""
     where = f"shard {shard}: sample {sample.key!r}"
-    check_safe(sample, shard)
+    with _because("pickle_member"):
+        check_safe(sample, shard)
     if "." in sample.key or not sample.key:
-        raise ShardError(f"{where}: keys must be non-empty and contain no dots")
+        raise bad_sample("bad_key", f"{where}: keys must be non-empty and contain no dots")
     if sample.key in seen:
-        raise ShardError(f"{where}: key repeated (also in shard {seen[sample.key]})")
+        raise bad_sample("repeated_key", f"{where}: key repeated (also in shard {seen[sample.key]})")
     found = find_image(sample.members, fields.image)
     if found is None:
-        raise ShardError(f"{where}: no image member ({'/'.join('.' + e for e in fields.image)})")
-    shape = decode_image(found[1], found[0], where=where).shape
+        raise bad_sample("no_image", f"{where}: no image member ({'/'.join('.' + e for e in fields.image)})")
+    with _because("image_undecodable"):
+        shape = decode_image(found[1], found[0], where=where).shape
     label = None
     if fields.label:
         if fields.label not in sample.members:
-            raise ShardError(f"{where}: missing label member .{fields.label}")
-        label = decode_label(sample.members[fields.label], where=where)
+            raise bad_sample("no_label", f"{where}: missing label member .{fields.label}")
+        with _because("bad_label"):
+            label = decode_label(sample.members[fields.label], where=where)
         if num_classes is not None and not 0 <= label < num_classes:
-            raise ShardError(f"{where}: label {label} outside [0, {num_classes})")
-    caption = None
-    if fields.caption and fields.caption in sample.members:
-        try:
-            caption = sample.members[fields.caption].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ShardError(f"{where}: caption is not UTF-8") from None
+            raise bad_sample("label_out_of_range", f"{where}: label {label} outside [0, {num_classes})")
+    caption = check_caption(sample, where, fields.caption) if fields.caption else None
     return label, caption, shape
 
 
@@ -68,7 +105,7 @@ def expected_sizes(shard: str) -> int | None:
 
 class IndexStage(Stage):
     name = "index"
-    version = 1
+    version = 2  # 2: samples of a captioned dataset need a non-empty caption
     resources = {"cpu": 1}
 
     def config(self, cfg, sel):
@@ -93,6 +130,10 @@ class IndexStage(Stage):
             val = scan.read(ctx.catalog.shards(name, "val"))
         elif validation and validation["val_fraction"] > 0:
             train, val = holdout(train, validation["val_fraction"], validation["seed"])
+        if scan.n_skipped:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(scan.by_reason.items()))
+            print(f"index: skipped {scan.n_skipped} bad sample(s) of '{name}' ({reasons}); "
+                  "listed in index/_stage.json metrics")
         if train.num_rows == 0:
             raise CurateError(f"index: dataset '{name}' has no usable training samples")
         meta = dict(stage=self.name, stage_version=self.version, fingerprint=ctx.fingerprint)
@@ -102,7 +143,8 @@ class IndexStage(Stage):
                 raise CurateError(f"index: dataset '{name}' has an empty validation split")
             write_parquet(val, ctx.out / "val.parquet", **meta)
         ctx.metrics.update({"samples": train.num_rows, "val_samples": 0 if val is None else val.num_rows,
-                            "skipped": scan.n_skipped, "skipped_samples": scan.skipped,
+                            "skipped": scan.n_skipped, "skipped_by_reason": dict(sorted(scan.by_reason.items())),
+                            "skipped_samples": scan.skipped,
                             "image_shapes": sorted(list(s) for s in scan.shapes)[:10],
                             "channels": max(1 if len(s) == 2 else s[2] for s in scan.shapes),
                             "classes": sorted(set(train.column("label").drop_null().to_pylist()))})
@@ -142,11 +184,14 @@ class SplitScan:
         self.skipped: list[dict] = []
         self.shapes: set[tuple] = set()
         self.n_skipped = 0
+        self.by_reason: dict[str, int] = {}
 
     def _skip(self, shard: str, key: str | None, exc: Exception) -> None:
         self.n_skipped += 1
+        reason = reason_of(exc)
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
         if len(self.skipped) < MAX_LISTED:
-            self.skipped.append({"shard": shard, "key": key, "error": str(exc)})
+            self.skipped.append({"shard": shard, "key": key, "reason": reason, "error": str(exc)})
 
     def read(self, shards: list[str]) -> pa.Table:
         cols = {k: [] for k in COMMON_SCHEMA.names}
@@ -172,5 +217,6 @@ class SplitScan:
             except ShardError as exc:
                 if not self.skip or "truncated or corrupt" not in str(exc):
                     raise
+                exc.reason = "truncated_shard"
                 self._skip(shard, None, exc)  # the rest of a truncated shard is unreadable: one counted skip
         return pa.table(cols, schema=COMMON_SCHEMA)

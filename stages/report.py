@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ("name", "method", "budget", "samples", "backprop_share", "acc_mean", "acc_std", "rel_error", "train_seconds", "speedup",
+COLUMNS = ("name", "method", "budget", "samples", "backprop_share", "acc_mean", "acc_std", "probe_mean", "rel_error",
+           "train_seconds", "speedup",
            "curation_seconds", "e2e_seconds", "e2e_speedup", "energy_ratio")
 
 
@@ -15,18 +16,41 @@ def _fmt(v, spec: str, na: str = "n/a") -> str:
     return na if v is None else format(v, spec)
 
 
+def _pct(v):
+    return None if v is None else 100 * v
+
+
+def _ipc_note(report: dict) -> str:
+    """Distilled sets and their random-ipc baselines train for verify.ipc_epochs instead."""
+    ipc = [r for r in report["rows"] if r["kind"] == "distilled" or str(r["name"]).startswith("random-ipc")]
+    return f"; distilled and random-ipc sets {ipc[0]['epochs']} epochs" if ipc and "epochs" in ipc[0] else ""
+
+
 def render_markdown(report: dict) -> str:
+    metric = report.get("metric", "test accuracy")
+    probe = any("probe_mean" in r for r in report["rows"])
+    head = f"{'zero-shot' if metric == 'zero-shot accuracy' else 'test'} acc (%)"
     lines = [f"# curate verification: {report['dataset']}", "",
              f"Recipe `{report['recipe']}`, {report['epochs']} epochs, {report['seeds']} seed(s), "
-             f"{report['train_samples']} training / {report['test_samples']} test samples, device {report['device']}.", "",
-             "| training set | method | budget | samples | backprop share | test acc (%) | rel. error (pp) | train (s) "
+             f"{report['train_samples']} training / {report['test_samples']} test samples, device {report['device']}"
+             + _ipc_note(report) + ".", "",
+             f"| training set | method | budget | samples | backprop share | {head} | "
+             + ("linear probe (%) | " if probe else "") + "rel. error (pp) | train (s) "
              "| train speed-up | curation (s) | end-to-end speed-up | energy ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|" + ("---|" if probe else "") + "---|---|---|---|---|---|"]
     for r in report["rows"]:
+        probe_cell = (f"{_fmt(_pct(r.get('probe_mean')), '.2f')} ± {_fmt(_pct(r.get('probe_std')), '.2f')} | "
+                      if probe else "")
         lines.append(f"| {r['name']} | {r['method']} | {r['budget']} | {r['samples']} | {r.get('backprop_share', r['fraction']):.3f} | "
-                     f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {100 * r['rel_error']:+.2f} | "
+                     f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {probe_cell}{100 * r['rel_error']:+.2f} | "
                      f"{r['train_seconds']:.2f} | {r['speedup']:.2f}x | {r['curation_seconds']:.2f} | "
                      f"{r['e2e_speedup']:.2f}x | {_fmt(r.get('energy_ratio'), '.3f')} |")
+    if metric == "zero-shot accuracy":
+        lines += ["", f"- zero-shot: each test image's nearest class prompt ({', '.join(repr(p) for p in report['prompts'])} "
+                      "with the catalog's class names) in the CLIP trained on that set; linear probe: logistic "
+                      "regression on that CLIP's image features of the whole training pool, on the test split.",
+                  f"- captions longer than the text context ({report['clip']['context']} tokens), truncated: "
+                  f"{report['captions_truncated']}."]
     lines += ["",
               "- rel. error: subset test error - full-data test error, in percentage points.",
               "- train speed-up: full-data training time / this set's training time (online methods: "
@@ -49,12 +73,12 @@ def _series(rows):
     return {m: sorted(rs, key=lambda r: r["fraction"]) for m, rs in sorted(out.items())}
 
 
-def _finish(fig, ax, path: Path, xlabel: str, title: str) -> str:
+def _finish(fig, ax, path: Path, xlabel: str, title: str, ylabel: str) -> str:
     """Labels, grid and legend (outside, right) shared by both plots; saves and closes."""
     from matplotlib import pyplot as plt
 
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -72,6 +96,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     from matplotlib import pyplot as plt
 
     rows = report["rows"]
+    ylabel = f"{report.get('metric', 'test accuracy')} (%)"
     full = next(r for r in rows if r["kind"] == "full")
     series = _series(rows)
     colours = plt.get_cmap("tab10")
@@ -89,7 +114,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
     ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
     ax.minorticks_off()
     written.append(_finish(fig, ax, out_dir / "accuracy_vs_budget.png", "budget (share of the training set, log scale)",
-                           f"{report['dataset']}: accuracy vs budget ({report['recipe']}, {report['seeds']} seed(s))"))
+                           f"{report['dataset']}: accuracy vs budget ({report['recipe']}, {report['seeds']} seed(s))", ylabel))
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     ax.scatter([full["e2e_seconds"]], [100 * full["acc_mean"]], marker="*", s=120, color="black", label="full data", zorder=3)
@@ -102,7 +127,7 @@ def plot_report(report: dict, out_dir: Path) -> list[str]:
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     written.append(_finish(fig, ax, out_dir / "accuracy_vs_time.png", "total wall time: curation + training (s, log scale)",
-                           f"{report['dataset']}: accuracy vs total time"))
+                           f"{report['dataset']}: accuracy vs total time", ylabel))
     return written
 
 

@@ -4,7 +4,9 @@ Methods (higher = harder / less valuable, except knn_shapley where higher = more
 valuable): el2n, grand (last-layer closed form), forgetting, loss, margin (all from
 the proxy's recorded dynamics), knn_shapley (on embeddings, w.r.t. the validation
 split index/val.parquet), prototype (distance to nearest k-means centroid), influence
-(last-layer influence on the validation loss, exact Hessian, damped; higher = more helpful).
+(last-layer influence on the validation loss, exact Hessian, damped; higher = more helpful),
+clip (cosine of each image embedding with its caption's: the DataComp CLIP score; higher =
+better aligned pair; needs embed/text_embeddings.npy and no labels).
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def compute_scores(methods: list[str], *, labels: np.ndarray, probs: np.ndarray,
     return {m: np.asarray(v, np.float32) for m, v in out.items()}
 
 
+def clip_scores(embed_dir, img: np.ndarray) -> np.ndarray:
+    """score_clip: image-caption cosine from the embed unit's two towers."""
+    from .coresets.clipcov import clipscore
+
+    path = embed_dir / "text_embeddings.npy"
+    if not path.exists():
+        raise CurateError("score clip: needs caption embeddings (embed/text_embeddings.npy): the dataset has no "
+                          "captions, or embed.method is proxy (use proxy_clip or open_clip)")
+    txt = np.load(path).astype(np.float32)
+    bad = ~np.isfinite(txt).all(1)
+    if bad.any():
+        raise CurateError(f"score clip: text embeddings row {int(np.flatnonzero(bad)[0])} is NaN or infinite")
+    return clipscore(img, txt)
+
+
 class ScoreStage(Stage):
     name = "score"
     version = 1
@@ -78,9 +95,10 @@ class ScoreStage(Stage):
         c = ctx.config
         index = read_parquet(ctx.input_dir("index") / "index.parquet")
         labels = label_array(index)
-        if (labels < 0).any():
-            raise CurateError("score: every method here needs labels; some training samples have none")
-        counts = np.bincount(labels)
+        labelled = [m for m in c["methods"] if m != "clip"]
+        if labelled and (labels < 0).any():
+            raise CurateError(f"score {', '.join(labelled)}: needs labels; some training samples have none")
+        counts = np.bincount(labels[labels >= 0], minlength=1)
         if "prototype" in c["methods"] and c["prototype_per_class"] and (counts[counts > 0] < 2).any():
             raise CurateError(f"score prototype per class: class {int(np.flatnonzero((counts > 0) & (counts < 2))[0])} has one sample")
         embed = ctx.input_dir("embed")
@@ -96,11 +114,14 @@ class ScoreStage(Stage):
             raise CurateError(f"score {', '.join(dynamic)}: needs the proxy's training dynamics (embed.method: proxy)")
         probs = np.load(embed / "probs.npy") if dynamic else np.zeros((1, 1, len(labels), 1), np.float16)
         hnorm = np.load(embed / "hnorm.npy") if dynamic else np.zeros((1, 1, len(labels)), np.float32)
-        scores = compute_scores(c["methods"], labels=labels, probs=probs, hnorm=hnorm, emb=emb, val_emb=val_emb, val_labels=val_labels,
+        scores = compute_scores(labelled, labels=labels, probs=probs, hnorm=hnorm, emb=emb, val_emb=val_emb, val_labels=val_labels,
                                 el2n_epoch=c["el2n_epoch"], knn_k=c["knn_k"], prototype_clusters=c["prototype_clusters"],
                                 prototype_per_class=c["prototype_per_class"], seed=c["seed"], device=ctx.device,
                                 val_probs=np.load(embed / "val_probs.npy") if (embed / "val_probs.npy").exists() else None,
                                 influence_damping=c["influence_damping"])
+        if "clip" in c["methods"]:
+            scores = {**scores, "clip": clip_scores(embed, emb)}
+            scores = {m: scores[m] for m in c["methods"]}  # columns in the config's order
         table = pa.table({"row": index.column("row"), "uid": index.column("uid"),
                           **{f"score_{m}": pa.array(v, pa.float32()) for m, v in scores.items()}})
         write_parquet(table, ctx.out / "scores.parquet", stage=self.name, stage_version=self.version,

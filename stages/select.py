@@ -12,7 +12,11 @@ Methods (kernels in stages.selection and stages.coresets):
 - difficulty: the hardest / easiest by a score column (value scores count as
   difficulty negated: low value = hard);
 - ccs: coverage-centric selection over score strata;
-- dedup: SemDeDup on the embeddings; its `budget` column holds the kept fraction.
+- dedup: SemDeDup on the embeddings; its `budget` column holds the kept fraction;
+- image-caption pairs (embed/embeddings.npy and text_embeddings.npy): clipcov (cross-covariance
+  preserving greedy per pseudo-class), clipscore (top pairs by image-caption cosine, or a
+  threshold), sas (facility location per pseudo-class on augmented-view image embeddings).
+  Pseudo-classes: k-means on the image embeddings, or the labels (`groups: labels`).
 """
 
 from __future__ import annotations
@@ -88,6 +92,27 @@ class Pool:
     @cached_property
     def embeddings(self) -> np.ndarray:
         return self._load("embeddings.npy")
+
+    @cached_property
+    def text_embeddings(self) -> np.ndarray:
+        path = self.ctx.input_dir("embed") / "text_embeddings.npy"
+        if not path.exists():
+            raise CurateError("needs caption embeddings (embed/text_embeddings.npy): the dataset has no captions, "
+                              "or embed.method is proxy (use proxy_clip or open_clip)")
+        return self._load("text_embeddings.npy")
+
+    def pair_groups(self, spec, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pseudo-class per candidate, picks per pseudo-class) for image-caption methods:
+        labels where the spec asks for them, else k-means on the image embeddings."""
+        if spec.groups == "labels":
+            if (self.labels < 0).any():
+                raise CurateError("groups: labels, but some samples have no label (use groups: kmeans)")
+            return self.class_alloc(k)
+        from .coresets.clipcov import kmeans_groups
+
+        groups = kmeans_groups(self.embeddings, min(spec.clusters, len(self.rows)), seed=self.ctx.cfg.seed,
+                               device=self.ctx.device)
+        return groups, proportional_allocation(np.bincount(groups), k)
 
     def features(self, kind: str, device):
         """Feature space for similarity / matching: last-layer gradients, p - y, or embeddings."""
@@ -182,9 +207,40 @@ def _dedup(pool, spec, k, seed, device):
     return np.flatnonzero(keep), None, {"removed": int((~keep).sum()), "removed_per_class": removed}
 
 
+def _clipcov(pool, spec, k, seed, device):
+    from .coresets.clipcov import clipcov, cross_cov_error
+
+    groups, alloc = pool.pair_groups(spec, k)
+    img, txt = pool.embeddings, pool.text_embeddings
+    pos, w, info = clipcov(img, txt, groups, alloc, lam=spec.lam, gate=spec.gate, pool_factor=spec.pool_factor,
+                           device=device, seed=seed)
+    info["cross_cov_error"] = cross_cov_error(img, txt, pos, w)
+    return pos, w, info
+
+
+def _clipscore(pool, spec, k, seed, device):
+    from .coresets.clipcov import clipscore, clipscore_filter
+
+    scores = clipscore(pool.embeddings, pool.text_embeddings)
+    pos = clipscore_filter(scores, k=k, threshold=spec.threshold)
+    return pos, None, {"min_kept_score": float(scores[pos].min()) if len(pos) else None}
+
+
+def _sas(pool, spec, k, seed, device):
+    from .coresets.clipcov import sas
+
+    groups, alloc = pool.pair_groups(spec, k)
+    views = pool.ctx.input_dir("embed") / "image_views.npy"
+    feats = pool._load("image_views.npy") if views.exists() else pool.embeddings
+    pos, w, info = sas(feats, groups, alloc, device=device, seed=seed, optimizer=spec.optimizer, eps=spec.eps)
+    info["features"] = "image_views" if views.exists() else "embeddings"
+    return pos, w, info
+
+
 METHODS = {"random": _random, "stratified": _stratified, "craig": _craig, "gradmatch": _gradmatch,
-           "difficulty": _difficulty, "ccs": _ccs, "dedup": _dedup}
-NEEDS_EMBED = {"craig", "gradmatch", "dedup"}
+           "difficulty": _difficulty, "ccs": _ccs, "dedup": _dedup, "clipcov": _clipcov, "clipscore": _clipscore,
+           "sas": _sas}
+NEEDS_EMBED = {"craig", "gradmatch", "dedup", "clipcov", "clipscore", "sas"}
 NEEDS_SCORE = {"difficulty", "ccs"}
 
 

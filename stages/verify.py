@@ -181,6 +181,8 @@ def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, 
         recipe = replace(recipe, lr=ts.lr)
     if ts.augment is not None:
         recipe = replace(recipe, augment=ts.augment)
+    if ts.kind == "distilled" or ts.ipc:
+        recipe = replace(recipe, epochs=c["ipc_epochs"], milestones=(max(1, c["ipc_epochs"] // 2),))
     fit = train_classifier(model, x, y, weights=ts.weights if ts.kind == "selection" else None, recipe=recipe,
                            seed=seed, device=device, selector=selector, num_classes=n_classes)
     e1 = meter.read()
@@ -218,11 +220,14 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
            "fraction": samples / n_full,
            "weighted": ts.weights is not None and bool(np.any(ts.weights != 1)),
            "accs": accs, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-           "train_seconds": float(np.mean([f["seconds"] for f in fits])),
+           "train_seconds": float(np.mean([f["seconds"] for f in fits])), "epochs": int(fits[0]["epochs"]),
            "backprop_samples": int(fits[0]["backprop_samples"]), "probe_samples": int(fits[0]["probe_samples"]),
            "backprop_share": fits[0]["backprop_samples"] / fits[0]["epochs"] / n_full,
            "curation": ts.curation or {}, "curation_seconds": float(sum((ts.curation or {}).values())),
            "energy_j": None if None in energy else float(np.mean(energy))}
+    probes = [f.get("probe") for f in fits]
+    if any(p is not None for p in probes):
+        row["probe_mean"], row["probe_std"] = float(np.mean(probes)), float(np.std(probes))
     if ts.kind == "distilled":
         row["learned_lr"] = ts.lr
         row["augment"] = ts.augment
@@ -303,15 +308,27 @@ class VerifyStage(Stage):
         index, images, labels = load_index_arrays(ctx, c["image_size"])
         test = load_test_split(ctx, c["image_size"])
         n_classes = num_classes_of(ctx.catalog.entry(ctx.cfg.dataset), labels)
-        check_input_size(c["recipe"], images.shape[1:])
         sets = training_sets(ctx, len(labels), labels)
-        meter = EnergyMeter(ctx.device)
-        warm_up(c, images, labels, n_classes, ctx.device)
+        if c["recipe"] == "clip":  # image-caption pairs: a CLIP per set, zero-shot + linear probe
+            from .verify_clip import ClipTrainer
+
+            train = ClipTrainer(ctx, images, labels, test)
+            extra = {"metric": "zero-shot accuracy", "captions_truncated": train.truncated, "prompts": c["prompts"],
+                     "clip": c["clip"]}
+        else:
+            check_input_size(c["recipe"], images.shape[1:])
+            meter = EnergyMeter(ctx.device)
+            warm_up(c, images, labels, n_classes, ctx.device)
+            extra = {"metric": "test accuracy"}
+
+            def train(ts, x, y, rows, seed):
+                return train_once(c, ts, x, y, test, n_classes, seed, ctx.device, meter)
         journal = Journal(ctx.run_dir / ".verify-progress" / f"{ctx.fingerprint}.jsonl")
         rows = []
         bar = tqdm(total=len(sets) * c["seeds"], desc="verify: trainings", disable=None,
                    initial=len(journal.done))
         for ts in sets:
+            rows_of_x = ts.rows if ts.kind == "selection" else None  # index rows of x (None: all, or synthetic)
             if ts.kind == "selection":
                 x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
             elif ts.kind == "distilled":
@@ -328,18 +345,18 @@ class VerifyStage(Stage):
                     if ts.kind == "random":  # a fresh draw per seed: the std covers the subset's luck too
                         drawn = (per_class_subset(labels, ts.ipc, c["seed"] + 7919 + s) if ts.ipc else
                                  random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s))
-                        x, y = images[drawn], labels[drawn]
-                    fit = journal.add(ts.name, s, train_once(c, ts, x, y, test, n_classes, c["seed"] + s,
-                                                             ctx.device, meter))
+                        x, y, rows_of_x = images[drawn], labels[drawn], drawn
+                    fit = journal.add(ts.name, s, train(ts, x, y, rows_of_x, c["seed"] + s))
                 fits.append(fit)
                 bar.update(1)
             rows.append(summarise(ts, fits, len(labels)))
         bar.close()
         compare_with_full(rows)
-        report = {"dataset": ctx.cfg.dataset, "recipe": c["recipe"], "epochs": c["epochs"], "seeds": c["seeds"],
+        report = {**extra, "dataset": ctx.cfg.dataset, "recipe": c["recipe"],
+                  "epochs": c["clip"]["epochs"] if c["recipe"] == "clip" else c["epochs"], "seeds": c["seeds"],
                   "device": str(ctx.device), "train_samples": int(len(labels)), "test_samples": int(len(test[1])),
                   "protocol": {k: c[k] for k in ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                                                 "milestones", "gamma", "augment", "bf16", "channels_last", "width")},
+                                                 "milestones", "gamma", "augment", "bf16", "channels_last", "width", "ipc_epochs")},
                   "rows": rows}
         (ctx.out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         (ctx.out / "report.md").write_text(render_markdown(report))

@@ -33,7 +33,7 @@ def fast_config(run_dir: Path, **sections) -> dict:
         "run": str(run_dir), "dataset": "digits", "seed": 0,
         "embed": {"epochs": 1},
         "select": [{"method": "random", "budget": 0.1}, {"method": "stratified", "budget": 0.2}],
-        "verify": {"epochs": 1, "seeds": 1, "batch_size": 32, "lr": 0.05, "width": 32},
+        "verify": {"epochs": 1, "seeds": 1, "batch_size": 32, "lr": 0.05, "width": 32, "ipc_epochs": 3},
     }
     cfg.update(sections)
     return cfg

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def runner_for(run_dir, catalog, specs=(MTT, DM), experts=EXPERTS, **sections) -> Runner:
-    sections.setdefault("verify", {"epochs": 2, "seeds": 1, "batch_size": 32, "lr": 0.05, "width": 16})
+    sections.setdefault("verify", {"epochs": 2, "seeds": 1, "batch_size": 32, "lr": 0.05, "width": 16,
+                                   "ipc_epochs": 3})
     cfg = load_config(fast_config(run_dir, select=[], distill={"specs": list(specs), "experts": experts}, **sections))
     r = Runner(cfg, Catalog.load(catalog))
     r.write_run_json()
@@ -109,6 +110,10 @@ def test_verify_rows(run):
     for k in (1, 2):
         r = rows[f"random-ipc{k}"]
         assert r["kind"] == "random" and r["samples"] == 10 * k and r["budget"] == k
+    # tiny sets train verify.ipc_epochs (3 here), real sets verify.epochs (2)
+    assert {r["name"]: r["epochs"] for r in report["rows"]} == {
+        "full": 2, "mtt-ipc1": 3, "dm-ipc2": 3, "random-ipc1": 3, "random-ipc2": 3}
+    assert "distilled and random-ipc sets 3 epochs" in (run.run_dir / "verify" / "report.md").read_text()
 
 
 def test_per_class_subset_is_per_class():

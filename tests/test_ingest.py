@@ -85,7 +85,7 @@ def test_cifar100_and_malicious_pickle_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_imagefolder_with_captions_and_test_split(tmp_path):
+def test_imagefolder_with_captions_and_test_split(tmp_path, capsys):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -102,6 +102,11 @@ def test_imagefolder_with_captions_and_test_split(tmp_path):
                 expected[(split, cls, i)] = img
     entry = ingest("imagefolder", tmp_path / "out", "pets", str(tmp_path / "src"), catalog=str(tmp_path / "c.yaml"))
     assert entry.class_names == ["cat", "dog"] and entry.num_classes == 2 and entry.fields.caption == "txt"
+    # the images without a caption are written, and counted in one line
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "no caption" in line] == [
+        "ingest imagefolder: 4 of 8 images have no caption (missing or empty .txt; train 4, test 0); the catalog "
+        "entry declares captions, so the index stage refuses them (index.on_error: raise) or skips them (skip)"]
     images, labels, captions, _ = read_split(Catalog.load(tmp_path / "c.yaml"), "pets", "train")
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert captions == ["a cat", None, None, "a dog", None, None]

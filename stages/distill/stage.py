@@ -24,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,9 @@ class DistillStage(Stage):
         syn, syn_y = init_from_real(images, labels, c["ipc"], gen, num_classes=n_classes)
         bar = tqdm(total=c["iterations"], desc=f"distill {c['name']}", disable=None)
         lr = None
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        t0 = time.perf_counter()
         if c["method"] == "mtt":
             from .experts import load_buffer
             from .mtt import distill_mtt
@@ -271,6 +275,7 @@ class DistillStage(Stage):
                                      model_factory=lambda: build_model("convnet3", in_shape, n_classes, c["width"]),
                                      seed=c["seed"], device=ctx.device, on_iteration=lambda *_: bar.update(1))
         bar.close()
+        seconds = time.perf_counter() - t0
         arr = out.detach().float().cpu().numpy()
         if not np.isfinite(arr).all():
             raise CurateError("the distilled images are not finite")
@@ -279,5 +284,8 @@ class DistillStage(Stage):
                         stage_version=self.version, fingerprint=ctx.fingerprint)
         write_text_atomic(ctx.out / "lr.json", json.dumps({"lr": lr}) + "\n")
         ctx.metrics.update({"images": int(len(arr)), "classes": int(n_classes), "lr": lr,
+                            "seconds_per_iteration": seconds / max(1, c["iterations"]),
+                            "peak_gpu_mib": (torch.cuda.max_memory_allocated(ctx.device) / 2**20
+                                             if ctx.device.type == "cuda" else None),
                             "loss_first": float(losses[0]) if losses else None,
                             "loss_last": float(losses[-1]) if losses else None})

@@ -1,0 +1,89 @@
+"""verify for image-caption runs (`verify.recipe: clip`): train a CLIP from scratch on each set.
+
+Every training set (full pairs, each selection, random subsets of the same sizes) trains the
+same small CLIP (`verify.clip`) over the same seeds. The reported accuracy is zero-shot on the
+test split: each class's prompts (`verify.prompts` with the catalog's `class_names`) against
+the image embeddings. Beside it, a linear probe: logistic regression on the trained image
+tower's features of the whole training pool (labels where the data has them), tested on the
+test split: how good the representation is, apart from its alignment with the class names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.energy import EnergyMeter
+from pipeline.errors import CurateError
+from pipeline.manifest import read_parquet
+
+
+def clip_arch(c: dict):
+    """The ClipArch of a ClipConfig dump (embed.clip or verify.clip)."""
+    from .clip import ClipArch
+
+    return ClipArch(embed_dim=c["embed_dim"], vision_layers=c["vision_layers"], vision_width=c["vision_width"],
+                    patch_size=c["patch"], text_layers=c["text_layers"], text_width=c["text_width"],
+                    context=c["context"])
+
+
+def clip_recipe(c: dict):
+    from .clip import ClipRecipe
+
+    return ClipRecipe(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], weight_decay=c["weight_decay"],
+                      bf16=c["bf16"])
+
+
+def captions_of(table, where: str) -> list[str]:
+    """The caption column, refusing rows without one (the index stage counts or refuses those)."""
+    caps = table.column("caption").to_pylist()
+    missing = [i for i, t in enumerate(caps) if t is None or not t.strip()]
+    if missing:
+        raise CurateError(f"{where}: row {missing[0]} has no caption ({len(missing)} rows in all); an image-caption "
+                          f"run needs one per sample (index.on_error: skip drops them)")
+    return caps
+
+
+class ClipTrainer:
+    """Trains verify's CLIP on one set of pairs and evaluates it; holds what every training shares."""
+
+    def __init__(self, ctx, images: np.ndarray, labels: np.ndarray, test: tuple[np.ndarray, np.ndarray]):
+        from .clip import tokenize
+
+        c = ctx.config
+        entry = ctx.catalog.entry(ctx.cfg.dataset)
+        if not entry.class_names:
+            raise CurateError(f"verify recipe clip: dataset '{ctx.cfg.dataset}' has no class_names in the catalog "
+                              "to build zero-shot prompts from")
+        if len(entry.class_names) <= int(test[1].max()):
+            raise CurateError(f"verify recipe clip: {len(entry.class_names)} class_names, but test labels reach "
+                              f"{int(test[1].max())}")
+        index = read_parquet(ctx.input_dir("index") / "index.parquet", ["caption"])
+        self.tokens, self.truncated = tokenize(captions_of(index, "verify"), c["clip"]["context"])
+        self.ctx, self.c, self.images, self.labels, self.test = ctx, c, images, labels, test
+        self.class_names = list(entry.class_names)
+        self.meter = EnergyMeter(ctx.device)
+
+    def __call__(self, ts, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None, seed: int) -> dict:
+        """Train on images x with the captions of index `rows` (None: all); zero-shot and probe."""
+        import torch
+
+        from .clip import build_clip, embed_images, linear_probe_accuracy, train_clip, zero_shot_accuracy
+
+        c, device = self.c, self.ctx.device
+        tokens = self.tokens if rows is None else self.tokens[torch.from_numpy(np.array(rows, dtype=np.int64))]
+        model = build_clip(clip_arch(c["clip"]), tuple(x.shape[2:]), seed=seed)
+        e0 = self.meter.read()
+        fit = train_clip(model, x, tokens, recipe=clip_recipe(c["clip"]), seed=seed, device=device)
+        e1 = self.meter.read()
+        model.eval()
+        fit["acc"] = zero_shot_accuracy(model, self.test[0], self.test[1], self.class_names,
+                                        templates=tuple(c["prompts"]), device=device)
+        fit["probe"] = None
+        if (self.labels >= 0).all():
+            feats = embed_images(model, self.images, device=device)
+            fit["probe"] = linear_probe_accuracy(feats, self.labels, embed_images(model, self.test[0], device=device),
+                                                 self.test[1], device=device)
+        fit["energy_j"] = None if e0 is None or e1 is None else e1 - e0
+        fit["backprop_samples"] = int(fit["samples"])
+        fit["probe_samples"] = 0
+        return fit
