@@ -39,22 +39,27 @@ def test_flow_runs_then_is_fully_cached_with_report_artifact(prefect_server, dig
 
     from flows.curate import curate_flow, run_flow
 
-    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run")
+    distill = {"specs": [{"method": "mtt", "ipc": 1, "iterations": 3, "syn_steps": 2, "expert_epochs": 1,
+                          "max_start_epoch": 1, "lr_img": 10.0, "dsa": "flip_crop"},
+                         {"method": "dm", "ipc": 1, "iterations": 3, "width": 8, "batch_real": 32, "dsa": "flip_crop"}],
+               "experts": {"count": 1, "epochs": 2, "width": 8, "batch_size": 128, "dsa": "flip_crop"}}
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", distill=distill)
     report = run_flow(str(cfg), [], str(digits_catalog))
     assert report.endswith("verify/report.md")
     rows = json.loads((tmp_path / "run" / "verify" / "report.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["full", "random-0.1", "stratified-0.2", "random-n288"]
+    names = ["full", "random-0.1", "stratified-0.2", "mtt-ipc1", "dm-ipc1", "random-ipc1", "random-n288"]
+    assert [r["name"] for r in rows] == names
     assert rows[0]["acc_mean"] > 0.25  # one epoch on full digits: well above chance (0.1)
 
     state = curate_flow(str(tmp_path / "run"), str(digits_catalog), return_state=True)
     assert state.is_completed()
     states = task_states(state.state_details.flow_run_id)
-    assert len(states) == 7 and set(states.values()) == {"Cached"}, states
+    assert len(states) == 10 and set(states.values()) == {"Cached"}, states  # 7 + experts + 2 distill units
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-report"])))
     table = json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
-    assert [r["name"] for r in table] == ["full", "random-0.1", "stratified-0.2", "random-n288"]
+    assert [r["name"] for r in table] == names
 
 
 def test_dask_local_cluster_gives_same_selection(prefect_server, digits_catalog, tmp_path):
