@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.coresets.clipcov import (clipcov, clipscore, clipscore_filter, cross_cov_error,  # noqa: E402
                                      kmeans_groups, sas)
+from bench._timing import timed  # noqa: E402
 from stages.selection import proportional_allocation  # noqa: E402
 
 
@@ -46,18 +46,6 @@ def generated(n: int, d: int, clusters: int, device, seed: int = 0, chunk: int =
     return img, txt
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return out, time.perf_counter() - t0, peak
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000)
@@ -66,6 +54,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.3)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-sas", action="store_true")
+    p.add_argument("--pool-factor", type=float, default=1.5, help="clipcov's quality pool (the select default); 0: off")
     a = p.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -80,7 +69,8 @@ def main() -> None:
     alloc = proportional_allocation(sizes, int(round(a.budget * a.n)))
     k = int(alloc.sum())
 
-    (rows, _, info), t, peak = timed(lambda: clipcov(img, txt, ids, alloc, device=device), device)
+    (rows, _, info), t, peak = timed(lambda: clipcov(img, txt, ids, alloc, device=device,
+                                                            pool_factor=a.pool_factor or None), device)
     err = cross_cov_error(img, txt, rows)
     print(f"| clipcov | {t:.1f} | {peak:.2f} | {err:.4f} | {len(rows)} picks, "
           f"{sum(info['misaligned'].values())} pairs flagged misaligned |", flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.coresets.facility import craig  # noqa: E402
 from stages.coresets.features import Plain  # noqa: E402
 from stages.coresets.gradmatch import gradmatch_per_class, matching_error  # noqa: E402
+from bench._timing import timed  # noqa: E402
 from stages.selection import proportional_allocation  # noqa: E402
 
 
@@ -38,18 +38,6 @@ def generated(n: int, d: int, classes: int, device, seed: int = 0):
         e = min(n, s + (1 << 18))
         x[s:e] = (mu[blob[s:e]] + torch.randn(e - s, d, generator=g)).to(device)
     return x, (blob % classes).numpy()
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return out, time.perf_counter() - t0, peak
 
 
 def main() -> None:
