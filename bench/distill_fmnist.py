@@ -137,7 +137,8 @@ def main() -> None:
         m = stage_record(run_dir, f"distill/{spec.sel_name}")["metrics"]
         peak = f"{m['peak_gpu_mib']:.0f}" if m.get("peak_gpu_mib") is not None else "n/a"
         lr = f"{m['lr']:.4g}" if m.get("lr") is not None else "-"
-        print(f"| {spec.sel_name} | {m.get('seconds_per_iteration', float('nan')):.3f} | {peak} | "
+        spi = m.get("seconds_per_iteration")
+        print(f"| {spec.sel_name} | {'n/a' if spi is None else f'{spi:.3f}'} | {peak} | "
               f"{m['loss_first']:.4g} -> {m['loss_last']:.4g} | {lr} |")
     if runner.cfg.distill.has_mtt and args.sweep:
         print("\n" + "\n".join(sweep(runner, args.sweep, args.sweep_ipc, args.sweep_iterations)))

@@ -98,7 +98,7 @@ def check_budget(budget: Budget) -> Budget:
 
 
 SCORE_METHODS = ("el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence", "clip")
-VALUE_SCORES = frozenset({"knn_shapley", "influence"})  # higher = more valuable, not harder
+VALUE_SCORES = frozenset({"knn_shapley", "influence", "clip"})  # higher = more valuable, not harder
 VALIDATED_SCORES = frozenset({"knn_shapley", "influence"})
 
 
@@ -245,6 +245,7 @@ class SasSpec(SelectSpec):
     device: DEVICE = "auto"
 
 
+CAPTION_METHODS = frozenset({"clipcov", "clipscore"})  # sas reads image views only
 SPEC_TYPES = (RandomSpec, StratifiedSpec, CraigSpec, GradMatchSpec, DifficultySpec, CcsSpec, DedupSpec,
               ClipCovSpec, ClipScoreSpec, SasSpec)
 SELECT_METHODS = tuple(c.model_fields["method"].annotation.__args__[0] for c in SPEC_TYPES)
@@ -336,9 +337,13 @@ class VerifyConfig(Section):
     @field_validator("prompts")
     @classmethod
     def _slot(cls, v):
-        bad = [p for p in v if p.count("{}") != 1]
-        if bad:
-            raise ValueError(f"prompt {bad[0]!r} needs exactly one {{}} for the class name")
+        for p in v:
+            try:
+                ok = p.count("{}") == 1 and p.format("A") != p.format("B")
+            except (KeyError, IndexError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"prompt {p!r} needs exactly one {{}} for the class name (and no other braces)")
         return v
 
     @field_validator("online", mode="before")
@@ -484,6 +489,13 @@ class RunConfig(Section):
     def needs_validation(self) -> bool:
         return bool(VALIDATED_SCORES & set(self.score.methods))
 
+    @property
+    def uses_captions(self) -> bool:
+        """An image-text run: captions are embedded, scored, selected on or trained on, so the
+        index requires one per sample (missing / empty ones are bad input, raised or skipped)."""
+        return (self.embed.method == "proxy_clip" or self.verify.recipe == "clip" or "clip" in self.score.methods
+                or any(s.method in CAPTION_METHODS for s in self.select))
+
     @field_validator("select", mode="before")
     @classmethod
     def _expand(cls, v):
@@ -507,6 +519,10 @@ class RunConfig(Section):
                              "(set 'name' on one)")
         check_names("distill", dnames)
         check_names("selection", names)
+        weighted = [s.sel_name for s in self.select if s.method in ("craig", "gradmatch")]
+        if self.verify.recipe == "clip" and weighted:
+            raise ValueError(f"selection {weighted[0]!r} has coreset weights, which verify.recipe clip does not "
+                             "apply (contrastive batches): use an unweighted method or a classifier recipe")
         if self.verify.recipe == "clip" and self.distill.specs:
             raise ValueError("distilled sets are images without captions: verify.recipe clip cannot train on them")
         for i, spec in enumerate(self.select):

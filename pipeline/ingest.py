@@ -232,7 +232,7 @@ def read_imagefolder(src: str | None) -> RawDataset:
         total = sum(len(v) for v in splits.values())
         per_split = ", ".join(f"{k} {v}" for k, v in uncaptioned.items())
         notes.append(f"ingest imagefolder: {missing} of {total} images have no caption (missing or empty .txt; "
-                     f"{per_split}); the catalog entry declares captions, so the index stage refuses them "
+                     f"{per_split}); an image-text run refuses the training ones at the index stage "
                      "(index.on_error: raise) or skips them (skip)")
     return RawDataset(splits, len(classes), sorted(exts), has_caption, classes,
                       description=f"image folder {root.name}", notes=notes)
@@ -309,6 +309,8 @@ def read_fmnist_pairs(src: str | None, noise: float | None = None, seed: int | N
 
     def test():
         x, y = read_idx_arrays(src, "t10k")
+        if len(y) and int(y.max()) >= k:
+            raise CurateError(f"ingest fmnist-pairs: {src} has test label {int(y.max())}; Fashion-MNIST has {k} classes")
         for img, c in zip(x, y.tolist()):
             yield RawSample(label=c, image=img, caption=PAIR_TEMPLATES[0].format(name=FMNIST_CLASSES[c]),
                             meta={"caption_class": c})

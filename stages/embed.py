@@ -131,17 +131,16 @@ class EmbedStage(Stage):
         if not np.isfinite(fit["final_loss"]):
             raise CurateError("embed proxy_clip: training diverged (non-finite loss); lower embed.clip.lr")
         model.eval()
-        outputs = {"embeddings.npy": embed_images(model, images, device=ctx.device, batch_size=c["batch_size"]),
-                   "text_embeddings.npy": embed_texts(model, tokens, device=ctx.device, batch_size=c["batch_size"]),
-                   "image_views.npy": embed_images(model, images, device=ctx.device, batch_size=c["batch_size"],
-                                                   views=c["views"], seed=c["seed"])}
+        kw = {"device": ctx.device, "batch_size": c["batch_size"], "bf16": c["clip"]["bf16"]}
+        outputs = {"embeddings.npy": embed_images(model, images, **kw),
+                   "text_embeddings.npy": embed_texts(model, tokens, **kw),
+                   "image_views.npy": embed_images(model, images, views=c["views"], seed=c["seed"], **kw)}
         val = ctx.input_dir("index") / "val.parquet"
         if val.exists():
             vindex, vimages, _ = load_index_arrays(ctx, c["image_size"], "val.parquet")
             vtokens, _ = tokenize(captions_of(vindex, "embed proxy_clip (val)"), c["clip"]["context"])
-            outputs["val_embeddings.npy"] = embed_images(model, vimages, device=ctx.device, batch_size=c["batch_size"])
-            outputs["val_text_embeddings.npy"] = embed_texts(model, vtokens, device=ctx.device,
-                                                             batch_size=c["batch_size"])
+            outputs["val_embeddings.npy"] = embed_images(model, vimages, **kw)
+            outputs["val_text_embeddings.npy"] = embed_texts(model, vtokens, **kw)
         meta = {"method": "proxy_clip", "clip": c["clip"], "views": c["views"], "dtype": "float16", "normalised": True}
         for name, arr in outputs.items():
             if not np.isfinite(arr).all():

@@ -2,8 +2,8 @@
 
 Checks per sample: no pickle member (never decoded), a key without dots and unique
 across shards, an image member that decodes, a label in range where the dataset has
-labels and, where the catalog entry declares a caption field, a caption member that is
-UTF-8 and not empty or whitespace only. `on_error: raise` stops at the first bad sample
+labels and, in an image-text run (RunConfig.uses_captions), a caption member that is UTF-8
+and not empty or whitespace only (elsewhere a missing caption is null). `on_error: raise` stops at the first bad sample
 with a line naming it; `skip` leaves it out and counts it: `_stage.json` metrics hold
 `skipped` (total), `skipped_by_reason` (reason -> count, e.g. no_caption,
 empty_caption) and `skipped_samples` (the first 100: shard, key, reason, error).
@@ -49,21 +49,28 @@ def _because(reason: str):
         raise
 
 
+def decode_caption(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_sample("caption_not_utf8", f"{where}: caption is not UTF-8") from None
+
+
 def check_caption(sample, where: str, field: str) -> str:
     """The caption of a sample whose dataset declares caption member `field`; raises if missing or empty."""
     if field not in sample.members:
         raise bad_sample("no_caption", f"{where} has no caption (member .{field} missing)")
-    try:
-        caption = sample.members[field].decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad_sample("caption_not_utf8", f"{where}: caption is not UTF-8") from None
+    caption = decode_caption(sample.members[field], where)
     if not caption.strip():
         raise bad_sample("empty_caption", f"{where} has an empty caption (.{field} is empty or whitespace only)")
     return caption
 
 
-def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict[str, str]) -> tuple[int | None, str | None, tuple]:
-    """Validate one sample; returns (label, caption, image shape) or raises ShardError (with `.reason`)."""
+def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict[str, str],
+                 require_caption: bool = True) -> tuple[int | None, str | None, tuple]:
+    """Validate one sample; returns (label, caption, image shape) or raises ShardError (with `.reason`).
+    require_caption (an image-text run): a missing or empty caption is bad input; otherwise a
+    missing caption is null (DESIGN: nullable, "where there is one")."""
     where = f"shard {shard}: sample {sample.key!r}"
     with _because("pickle_member"):
         check_safe(sample, shard)
@@ -84,7 +91,12 @@ def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict
             label = decode_label(sample.members[fields.label], where=where)
         if num_classes is not None and not 0 <= label < num_classes:
             raise bad_sample("label_out_of_range", f"{where}: label {label} outside [0, {num_classes})")
-    caption = check_caption(sample, where, fields.caption) if fields.caption else None
+    caption = None
+    if fields.caption and require_caption:
+        caption = check_caption(sample, where, fields.caption)
+    elif fields.caption and fields.caption in sample.members:
+        text = decode_caption(sample.members[fields.caption], where)
+        caption = text if text.strip() else None  # empty: no caption
     return label, caption, shape
 
 
@@ -110,6 +122,8 @@ class IndexStage(Stage):
 
     def config(self, cfg, sel):
         c = {"dataset": cfg.dataset, "on_error": cfg.index.on_error}
+        if cfg.uses_captions:
+            c["require_captions"] = True
         if cfg.needs_validation:
             has_val = "val" in (cfg_entry_splits(cfg) or {})
             c["validation"] = "catalog val split" if has_val else {"val_fraction": cfg.index.val_fraction, "seed": cfg.seed}
@@ -122,7 +136,11 @@ class IndexStage(Stage):
     def run(self, ctx: StageContext) -> None:
         name = ctx.cfg.dataset
         entry = ctx.catalog.entry(name)
-        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip")
+        require = ctx.config.get("require_captions", False)
+        if require and not entry.fields.caption:
+            raise CurateError(f"index: this is an image-text run (captions are embedded, scored, selected on or "
+                              f"trained on) but dataset '{name}' declares no caption field")
+        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip", require_captions=require)
         train = scan.read(ctx.catalog.shards(name, "train"))
         val = None
         validation = ctx.config.get("validation")
@@ -178,8 +196,8 @@ def holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.T
 class SplitScan:
     """Reads and checks the samples of a split's shards, skipping or raising per on_error."""
 
-    def __init__(self, dataset: str, entry, skip: bool):
-        self.dataset, self.entry, self.skip = dataset, entry, skip
+    def __init__(self, dataset: str, entry, skip: bool, require_captions: bool = False):
+        self.dataset, self.entry, self.skip, self.require_captions = dataset, entry, skip, require_captions
         self.seen: dict[str, str] = {}
         self.skipped: list[dict] = []
         self.shapes: set[tuple] = set()
@@ -201,7 +219,8 @@ class SplitScan:
                 for sample in iter_shard(shard):
                     count += 1
                     try:
-                        label, caption, shape = check_sample(sample, shard, self.entry.fields, self.entry.num_classes, self.seen)
+                        label, caption, shape = check_sample(sample, shard, self.entry.fields, self.entry.num_classes,
+                                                             self.seen, self.require_captions)
                     except ShardError as exc:
                         if not self.skip:
                             raise

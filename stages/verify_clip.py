@@ -34,12 +34,14 @@ def clip_recipe(c: dict):
 
 
 def captions_of(table, where: str) -> list[str]:
-    """The caption column, refusing rows without one (the index stage counts or refuses those)."""
+    """The caption column (the index of an image-text run has refused or skipped rows without one)."""
     caps = table.column("caption").to_pylist()
     missing = [i for i, t in enumerate(caps) if t is None or not t.strip()]
+    if len(missing) == len(caps):
+        raise CurateError(f"{where}: the dataset has no captions (an image-text run needs a caption field)")
     if missing:
-        raise CurateError(f"{where}: row {missing[0]} has no caption ({len(missing)} rows in all); an image-caption "
-                          f"run needs one per sample (index.on_error: skip drops them)")
+        raise CurateError(f"{where}: row {missing[0]} has no caption ({len(missing)} rows in all): rerun index "
+                          f"(an image-text run refuses them, or skips them with index.on_error: skip)")
     return caps
 
 
@@ -54,6 +56,8 @@ class ClipTrainer:
         if not entry.class_names:
             raise CurateError(f"verify recipe clip: dataset '{ctx.cfg.dataset}' has no class_names in the catalog "
                               "to build zero-shot prompts from")
+        if len(test[1]) == 0:
+            raise CurateError(f"verify recipe clip: dataset '{ctx.cfg.dataset}' has an empty test split")
         if len(entry.class_names) <= int(test[1].max()):
             raise CurateError(f"verify recipe clip: {len(entry.class_names)} class_names, but test labels reach "
                               f"{int(test[1].max())}")
@@ -75,13 +79,18 @@ class ClipTrainer:
         e0 = self.meter.read()
         fit = train_clip(model, x, tokens, recipe=clip_recipe(c["clip"]), seed=seed, device=device)
         e1 = self.meter.read()
+        if not np.isfinite(fit["final_loss"]):
+            raise CurateError(f"verify {ts.name if ts is not None else 'clip'}, seed {seed}: CLIP training diverged "
+                              f"(loss {fit['final_loss']}); lower verify.clip.lr")
         model.eval()
+        bf16 = c["clip"]["bf16"]
         fit["acc"] = zero_shot_accuracy(model, self.test[0], self.test[1], self.class_names,
-                                        templates=tuple(c["prompts"]), device=device)
+                                        templates=tuple(c["prompts"]), device=device, bf16=bf16)
         fit["probe"] = None
         if (self.labels >= 0).all():
-            feats = embed_images(model, self.images, device=device)
-            fit["probe"] = linear_probe_accuracy(feats, self.labels, embed_images(model, self.test[0], device=device),
+            feats = embed_images(model, self.images, device=device, bf16=bf16)
+            fit["probe"] = linear_probe_accuracy(feats, self.labels,
+                                                 embed_images(model, self.test[0], device=device, bf16=bf16),
                                                  self.test[1], device=device)
         fit["energy_j"] = None if e0 is None or e1 is None else e1 - e0
         fit["backprop_samples"] = int(fit["samples"])

@@ -105,8 +105,8 @@ def test_imagefolder_with_captions_and_test_split(tmp_path, capsys):
     # the images without a caption are written, and counted in one line
     out = capsys.readouterr().out.splitlines()
     assert [line for line in out if "no caption" in line] == [
-        "ingest imagefolder: 4 of 8 images have no caption (missing or empty .txt; train 4, test 0); the catalog "
-        "entry declares captions, so the index stage refuses them (index.on_error: raise) or skips them (skip)"]
+        "ingest imagefolder: 4 of 8 images have no caption (missing or empty .txt; train 4, test 0); "
+        "an image-text run refuses the training ones at the index stage (index.on_error: raise) or skips them (skip)"]
     images, labels, captions, _ = read_split(Catalog.load(tmp_path / "c.yaml"), "pets", "train")
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert captions == ["a cat", None, None, "a dog", None, None]

@@ -159,8 +159,11 @@ def caption_catalog(tmp_path):
     return cat.path
 
 
+IMAGE_TEXT = {"score": {"methods": ["clip"]}}  # a run that reads captions: the index requires them
+
+
 def test_index_refuses_missing_and_empty_captions(caption_catalog, make_runner, tmp_path):
-    runner = make_runner(tmp_path / "raise", catalog=caption_catalog, dataset="pets")
+    runner = make_runner(tmp_path / "raise", catalog=caption_catalog, dataset="pets", **IMAGE_TEXT)
     with pytest.raises(CurateError, match=r"train-000000.tar: sample 'k2' has no caption \(member .txt missing\)") as err:
         runner.run("index")
     assert "\n" not in str(err.value)
@@ -174,7 +177,8 @@ def test_index_refuses_missing_and_empty_captions(caption_catalog, make_runner, 
 
 
 def test_index_skips_and_counts_missing_and_empty_captions(caption_catalog, make_runner, tmp_path, capsys):
-    runner = make_runner(tmp_path / "skip", catalog=caption_catalog, dataset="pets", index={"on_error": "skip"})
+    runner = make_runner(tmp_path / "skip", catalog=caption_catalog, dataset="pets", index={"on_error": "skip"},
+                         **IMAGE_TEXT)
     runner.run("index")
     rec = json.loads((tmp_path / "skip" / "index" / "_stage.json").read_text())
     m = rec["metrics"]
@@ -186,3 +190,19 @@ def test_index_skips_and_counts_missing_and_empty_captions(caption_catalog, make
     assert table.column("caption").to_pylist() == ["a cat", "a dog", "a bird", "a cat again"]
     assert table.column("row").to_pylist() == [0, 1, 2, 3]
     assert "index: skipped 2 bad sample(s) of 'pets' (empty_caption: 1, no_caption: 1)" in capsys.readouterr().out
+
+
+def test_a_run_without_captions_in_use_keeps_caption_less_samples(caption_catalog, make_runner, tmp_path):
+    """DESIGN: caption is nullable; only an image-text run requires one per sample."""
+    runner = make_runner(tmp_path / "plain", catalog=caption_catalog, dataset="pets")
+    assert not runner.cfg.uses_captions
+    runner.run("index")
+    table = pq.read_table(tmp_path / "plain" / "index" / "index.parquet")
+    assert table.column("key").to_pylist() == ["k0", "k1", "k2", "k3", "k4", "k5"]
+    assert table.column("caption").to_pylist()[2] is None
+
+
+def test_an_image_text_run_needs_a_caption_field(digits_catalog, make_runner, tmp_path):
+    runner = make_runner(tmp_path / "run", catalog=digits_catalog, **IMAGE_TEXT)
+    with pytest.raises(CurateError, match="image-text run .* dataset 'digits' declares no caption field"):
+        runner.run("index")

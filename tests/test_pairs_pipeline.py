@@ -43,7 +43,8 @@ def pairs_config(run_dir, **over) -> dict:
            "embed": {"method": "proxy_clip", "clip": TINY, "views": 2},
            "score": {"methods": ["clip"]},
            "select": [{"method": "clipcov", "budget": 0.3}, {"method": "clipscore", "budget": 0.3},
-                      {"method": "sas", "budget": 0.3}],
+                      {"method": "sas", "budget": 0.3},
+                      {"method": "difficulty", "score": "clip", "keep": "easy", "budget": 0.3, "name": "clip-easy"}],
            "verify": {"recipe": "clip", "seeds": 1, "clip": TINY}}
     cfg.update(over)
     return cfg
@@ -115,13 +116,15 @@ def test_caption_aware_selections_keep_clean_pairs(run):
         assert len(selected_rows(run, name)) == 300, name
     assert kept["clipscore-0.3"] > 0.9, kept  # the filter keeps the best-aligned pairs
     assert kept["clipcov-0.3"] > 0.9, kept  # quality pool + alignment with the class cross-covariance
+    # score_clip is a value score (higher = better aligned): "easy" by it is the clip-score filter
+    assert set(selected_rows(run, "clip-easy")) == set(selected_rows(run, "clipscore-0.3"))
 
 
 def test_verify_reports_zero_shot_and_probe(run):
     report = json.loads((run.run_dir / "verify" / "report.json").read_text())
     assert report["metric"] == "zero-shot accuracy" and report["recipe"] == "clip"
     rows = {r["name"]: r for r in report["rows"]}
-    assert set(rows) == {"full", "clipcov-0.3", "clipscore-0.3", "sas-0.3", "random-n300"}
+    assert set(rows) == {"full", "clipcov-0.3", "clipscore-0.3", "sas-0.3", "clip-easy", "random-n300"}
     assert rows["full"]["acc_mean"] > 0.3  # zero-shot from 1,000 noisy pairs: far above chance (0.1)
     for r in rows.values():
         assert 0 <= r["acc_mean"] <= 1 and 0.3 < r["probe_mean"] <= 1
@@ -140,16 +143,17 @@ def test_selections_rerun_byte_identical(run):
 
 def test_caption_methods_on_a_dataset_without_captions(make_runner):
     r = make_runner(select=[{"method": "clipcov", "budget": 0.1}])
-    r.run("index")
-    r.run("embed")
-    with pytest.raises(CurateError, match=r"select clipcov-0.1: needs caption embeddings"):
-        r.run("select/clipcov-0.1")
+    with pytest.raises(CurateError, match=r"image-text run .* dataset 'digits' declares no caption field"):
+        r.run("index")  # refused before anything is trained
 
 
 @pytest.mark.parametrize("over, words", [
     ({"verify": {"recipe": "clip", "online": [{"method": "crest", "budget": 0.1}]}}, "online selection trains classifiers"),
     ({"select": [{"method": "clipscore"}]}, "clipscore takes a budget or a threshold"),
     ({"verify": {"recipe": "clip", "prompts": ["a photo"]}}, "needs exactly one {}"),
+    ({"verify": {"recipe": "clip", "prompts": ["a {x} {}"]}}, "needs exactly one {}"),
+    ({"verify": {"recipe": "clip", "prompts": ["a {{}} photo"]}}, "needs exactly one {}"),
+    ({"select": [{"method": "craig", "budget": 0.1}]}, "has coreset weights, which verify.recipe clip does not apply"),
 ])
 def test_config_errors(tmp_path, over, words):
     with pytest.raises(CurateError, match=words.replace("{", r"\{").replace("}", r"\}")):

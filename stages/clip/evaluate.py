@@ -18,7 +18,7 @@ TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
 
 @torch.no_grad()
-def embed_images(model, images: np.ndarray, *, device: torch.device, batch_size: int = 1024, views: int = 0,
+def embed_images(model, images: np.ndarray, *, device: torch.device, batch_size: int = 1024, views: int = 0, bf16: bool = True,
                  seed: int = 0, pad: int = 2, flip: bool = True) -> np.ndarray:
     """Image embeddings, float32 [N, D], L2-normalised.
 
@@ -30,7 +30,7 @@ def embed_images(model, images: np.ndarray, *, device: torch.device, batch_size:
     """
     model.to(device).eval()
     x = torch.from_numpy(np.ascontiguousarray(images))
-    autocast = autocast_for(device, True)
+    autocast = autocast_for(device, bf16)  # bf16: CUDA only, as in training
     gen = torch.Generator().manual_seed(seed)
     draws = [draw_shift_flip(len(x), pad, gen) for _ in range(views)]
     if not flip:
@@ -55,10 +55,11 @@ def embed_images(model, images: np.ndarray, *, device: torch.device, batch_size:
 
 
 @torch.no_grad()
-def embed_texts(model, tokens: torch.Tensor, *, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+def embed_texts(model, tokens: torch.Tensor, *, device: torch.device, batch_size: int = 1024,
+                bf16: bool = True) -> np.ndarray:
     """Text embeddings, float32 [N, D], L2-normalised; tokens [N, context] from `tokenize`."""
     model.to(device).eval()
-    autocast = autocast_for(device, True)
+    autocast = autocast_for(device, bf16)  # bf16: CUDA only, as in training
     out = []
     for i in range(0, len(tokens), batch_size):
         with autocast():
@@ -68,22 +69,22 @@ def embed_texts(model, tokens: torch.Tensor, *, device: torch.device, batch_size
 
 
 def class_text_embeddings(model, class_names: list[str], *, templates=TEMPLATES, context: int | None = None,
-                          device: torch.device) -> np.ndarray:
+                          bf16: bool = True, device: torch.device) -> np.ndarray:
     """One unit vector per class: the normalised mean of its templates' text embeddings."""
     context = context or model.context_length
     captions = [tpl.format(name) for name in class_names for tpl in templates]
     tokens, _ = tokenize(captions, context)
-    t = torch.from_numpy(embed_texts(model, tokens, device=device)).view(len(class_names), len(templates), -1)
+    t = torch.from_numpy(embed_texts(model, tokens, device=device, bf16=bf16)).view(len(class_names), len(templates), -1)
     return F.normalize(t.mean(1), dim=-1).numpy()
 
 
 def zero_shot_accuracy(model, images: np.ndarray, labels: np.ndarray, class_names: list[str], *,
                        templates=TEMPLATES, context: int | None = None, device: torch.device,
-                       batch_size: int = 1024) -> float:
+                       batch_size: int = 1024, bf16: bool = True) -> float:
     """Fraction of images whose nearest class text (cosine, templates averaged) is their label.
     `context` defaults to the model's (it must equal it: positions are learned)."""
-    cls = class_text_embeddings(model, class_names, templates=templates, context=context, device=device)
-    img = embed_images(model, images, device=device, batch_size=batch_size)
+    cls = class_text_embeddings(model, class_names, templates=templates, context=context, device=device, bf16=bf16)
+    img = embed_images(model, images, device=device, batch_size=batch_size, bf16=bf16)
     pred = (img @ cls.T).argmax(1)
     return float((pred == np.asarray(labels)).mean())
 

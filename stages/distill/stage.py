@@ -203,6 +203,40 @@ def learned_lr(d: Path) -> float | None:
     return json.loads((Path(d) / "lr.json").read_text())["lr"]
 
 
+class IterationTimer:
+    """Seconds per distillation iteration, from the end of the first to the end of the last
+    (set-up and the first iteration's warm-up excluded), and the peak GPU memory of the loop."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device, self.times = device, []
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def tick(self, bar):
+        def on_iteration(*_):
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize(self.device)
+            self.times.append(time.perf_counter())
+            bar.update(1)
+        return on_iteration
+
+    def per_iteration(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+    @property
+    def peak_mib(self) -> float | None:
+        import torch
+
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None
+
+
 class DistillStage(Stage):
     name = "distill"
     version = 1
@@ -245,9 +279,7 @@ class DistillStage(Stage):
         syn, syn_y = init_from_real(images, labels, c["ipc"], gen, num_classes=n_classes)
         bar = tqdm(total=c["iterations"], desc=f"distill {c['name']}", disable=None)
         lr = None
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        t0 = time.perf_counter()
+        timer = IterationTimer(ctx.device)
         if c["method"] == "mtt":
             from .experts import load_buffer
             from .mtt import distill_mtt
@@ -264,7 +296,7 @@ class DistillStage(Stage):
                 iterations=c["iterations"], syn_steps=c["syn_steps"], expert_epochs=c["expert_epochs"],
                 max_start_epoch=c["max_start_epoch"], lr_img=c["lr_img"], lr_lr=c["lr_lr"], lr_init=c["lr_init"],
                 batch_syn=c["batch_syn"], augment=_augment(c["dsa"]), seed=c["seed"], device=ctx.device,
-                on_iteration=lambda *_: bar.update(1))
+                on_iteration=timer.tick(bar))
             if c["zca"]:
                 out = invert_zca(out, mean.to(out.device), w_inv.to(out.device))
             lr = float(lr_t)
@@ -273,9 +305,8 @@ class DistillStage(Stage):
             out, losses = distill_dm((images, labels), syn, syn_y, iterations=c["iterations"], lr_img=c["lr_img"],
                                      batch_real=c["batch_real"], dsa_kinds=c["dsa"],
                                      model_factory=lambda: build_model("convnet3", in_shape, n_classes, c["width"]),
-                                     seed=c["seed"], device=ctx.device, on_iteration=lambda *_: bar.update(1))
+                                     seed=c["seed"], device=ctx.device, on_iteration=timer.tick(bar))
         bar.close()
-        seconds = time.perf_counter() - t0
         arr = out.detach().float().cpu().numpy()
         if not np.isfinite(arr).all():
             raise CurateError("the distilled images are not finite")
@@ -284,8 +315,6 @@ class DistillStage(Stage):
                         stage_version=self.version, fingerprint=ctx.fingerprint)
         write_text_atomic(ctx.out / "lr.json", json.dumps({"lr": lr}) + "\n")
         ctx.metrics.update({"images": int(len(arr)), "classes": int(n_classes), "lr": lr,
-                            "seconds_per_iteration": seconds / max(1, c["iterations"]),
-                            "peak_gpu_mib": (torch.cuda.max_memory_allocated(ctx.device) / 2**20
-                                             if ctx.device.type == "cuda" else None),
+                            "seconds_per_iteration": timer.per_iteration(), "peak_gpu_mib": timer.peak_mib,
                             "loss_first": float(losses[0]) if losses else None,
                             "loss_last": float(losses[-1]) if losses else None})
