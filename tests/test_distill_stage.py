@@ -201,3 +201,23 @@ def test_foreign_expert_buffer_is_one_line(run, digits_catalog, tmp_path):
         r.run("distill/mtt-ipc1", force=True)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("distill mtt-ipc1: ") and "width 8, not 16" in msg
+
+
+def test_zca_run_distils_in_the_whitened_space_and_maps_back(run, digits_catalog, tmp_path):
+    """zca: true trains the experts on whitened images (tagged so, and refused as plain ones)
+    and writes the synthetic images back in the normalised pixel space verify trains in."""
+    from stages.distill.experts import load_buffer
+
+    r = runner_for(tmp_path / "run", digits_catalog, specs=[{**MTT, "zca": True}])
+    for u in ("index", "experts", "distill/mtt-ipc1"):
+        r.run(u)
+    x, y = read_distilled(r.run_dir / "distill" / "mtt-ipc1")
+    assert x.shape == (10, 1, 8, 8) and np.isfinite(x).all()
+    # both start from the same real images (the inverse map itself: test_distill_augment)
+    plain, _ = read_distilled(run.run_dir / "distill" / "mtt-ipc1")
+    assert not np.allclose(x, plain)
+    meta = json.loads((r.run_dir / "experts" / "_stage.json").read_text())["config"]
+    assert meta["zca"] is True
+    with pytest.raises(ValueError, match="zca|dataset"):  # whitened experts do not pass for plain ones
+        load_buffer(r.run_dir / "experts", arch="convnet3", in_shape=(1, 8, 8), num_classes=10, width=16,
+                    dataset=json.loads((run.run_dir / "experts" / "_stage.json").read_text())["inputs"]["index"])
