@@ -32,10 +32,23 @@ def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:
     return out
 
 
+def float_npy(data: bytes, where: str) -> np.ndarray | None:
+    """A distilled sample's float32 (H, W, C) image (never unpickled), or None for any other .npy."""
+    import io
+
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise ShardError(f"{where}: .npy does not load ({type(exc).__name__}: {exc})") from None
+    return arr if arr.dtype == np.float32 and arr.ndim == 3 else None
+
+
 class ManifestDataset:
     """Samples of a manifest.parquet: dict(image=uint8 CHW tensor, label, weight, key, row[, caption]).
 
-    `shard` paths in the manifest are resolved relative to the manifest's folder.
+    A distilled set's manifest (distill/<name>/) gives float32 CHW images instead (its `.npy`
+    members hold the normalised pixel values the set was learned in) and row -1 (the samples
+    are synthetic, not index rows). `shard` paths in the manifest are resolved relative to the manifest's folder.
     `transform`, if given, is applied to the image tensor.
     """
 
@@ -43,7 +56,7 @@ class ManifestDataset:
         self.path = Path(manifest)
         t = read_parquet(self.path)
         self.keys = t.column("key").to_pylist()
-        self.rows = t.column("row").to_numpy()
+        self.rows = t.column("row").fill_null(-1).to_numpy()
         self.labels = t.column("label").fill_null(-1).to_numpy().astype(np.int64)
         self.weights = (t.column("weight").to_numpy().astype(np.float32) if "weight" in t.column_names
                         else np.ones(t.num_rows, np.float32))
@@ -79,7 +92,9 @@ class ManifestDataset:
         ext = next((e for e in members if e in IMAGE_EXTS), None)
         if ext is None:
             raise ShardError(f"{where}: no image member")
-        img = decode_image(members[ext], ext, where=where)
+        img = float_npy(members[ext], where) if ext == "npy" else None
+        if img is None:
+            img = decode_image(members[ext], ext, where=where)
         img = torch.from_numpy(np.array(img[:, :, None] if img.ndim == 2 else img)).permute(2, 0, 1)
         if self.transform is not None:
             img = self.transform(img)

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from pipeline.data import ManifestDataset
 from pipeline.errors import CurateError
 from pipeline.manifest import parquet_metadata, read_parquet
 from pipeline.runner import Runner
@@ -79,6 +80,11 @@ def test_outputs_read_back(run):
         assert m.column("shard").to_pylist()[0] == "shards/distill-000000.tar"
         assert parquet_metadata(u / "manifest.parquet")["stage"] == "distill"
         assert json.loads((u / "shards" / "sizes.json").read_text()) == {"distill-000000.tar": 10 * ipc}
+        # the package's Dataset reads the same set (float images, row -1: synthetic samples)
+        ds = ManifestDataset(u / "manifest.parquet")
+        items = [ds[i] for i in range(len(ds))]
+        assert np.array_equal(np.stack([it["image"].numpy() for it in items]), x)
+        assert [it["label"] for it in items] == y.tolist() and {it["row"] for it in items} == {-1}
         lr = json.loads((u / "lr.json").read_text())["lr"]
         if method == "mtt":
             assert lr > 0
