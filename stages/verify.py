@@ -288,7 +288,9 @@ class VerifyStage(Stage):
     resources = {"cpu": 1, "gpu": "optional"}
 
     def config(self, cfg, sel):
-        c = {"seed": cfg.seed, **cfg.verify.model_dump()}
+        # the CLIP settings only for recipe clip: changing them must not retrain a classifier run
+        skip = set() if cfg.verify.recipe == "clip" else {"clip", "prompts"}
+        c = {"seed": cfg.seed, **cfg.verify.model_dump(exclude=skip)}
         c["online"] = [{**o.model_dump(), "sel_name": o.sel_name,
                         "label": ("adaptive-" if o.method in ("craig", "gradmatch") else "") + o.method}
                        for o in cfg.verify.online]
