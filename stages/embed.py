@@ -118,7 +118,7 @@ class EmbedStage(Stage):
         from tqdm import tqdm
 
         from .clip import build_clip, embed_images, embed_texts, save_clip, tokenize, train_clip
-        from .verify_clip import captions_of, clip_arch, clip_recipe
+        from .clip.settings import captions_of, clip_arch, clip_recipe
 
         c = ctx.config
         index, images, _ = load_index_arrays(ctx, c["image_size"])
