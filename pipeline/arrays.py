@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import CurateError, ShardError
-from .shards import decode_image, iter_shard
+from .shards import MAX_MEMBER_BYTES, check_safe, decode_image, iter_shard
 
 
 def to_chw(img: np.ndarray, size: int | None, channels: int) -> np.ndarray:
@@ -39,12 +39,14 @@ def find_image(members: dict[str, bytes], exts: Sequence[str]) -> tuple[str, byt
 
 
 def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Sequence[str],
-                image_size: int | None = None, channels: int | None = None) -> np.ndarray:
+                image_size: int | None = None, channels: int | None = None,
+                max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None) -> np.ndarray:
     """Images at (shard, offset) pairs, in the given order, as uint8 [N, C, H, W].
 
     `channels` fixes C (grey repeated to RGB, RGB averaged to grey); pass the training
     pool's count so that train, validation, test and subsets agree. Default: the most
-    channels among these images.
+    channels among these images. `max_member_bytes` / `max_pixels`: the run's `index.` limits,
+    for shards the index stage did not check (verify's test split).
     """
     wanted: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (s, o) in enumerate(zip(shards, offsets)):
@@ -52,15 +54,16 @@ def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Seque
     decoded: list[np.ndarray | None] = [None] * len(shards)
     for shard, by_offset in wanted.items():
         remaining = len(by_offset)
-        for sample in iter_shard(shard):
+        for sample in iter_shard(shard, max_member_bytes):
             rows = by_offset.get(sample.offset)
             if rows is None:
                 continue
+            check_safe(sample, shard)
             where = f"shard {shard}: sample {sample.key!r}"
             found = find_image(sample.members, image_exts)
             if found is None:
                 raise ShardError(f"{where}: no image member ({'/'.join(image_exts)})")
-            img = decode_image(found[1], found[0], where=where)
+            img = decode_image(found[1], found[0], where=where, max_pixels=max_pixels)
             for r in rows:
                 decoded[r] = img
             remaining -= 1

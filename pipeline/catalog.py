@@ -13,24 +13,36 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import CurateError
-from .fingerprint import hash_file, hash_json
-from .shards import expand_braces, write_text_atomic
+from .fingerprint import hash_file_cached, hash_json
+from .shards import expand_braces, is_pickle_ext, write_text_atomic
 
 DEFAULT_CATALOG = "data_catalog.yaml"
 
 
 class Fields(BaseModel):
-    """Member extensions of a sample: image (one or several accepted), label, caption."""
+    """Member extensions of a sample: image (one or several accepted), label, caption, and `extra`:
+    further members that materialize copies into compact shards (it drops any it does not know)."""
 
     model_config = ConfigDict(extra="forbid")
     image: list[str] = Field(default_factory=lambda: ["png"])
     label: str | None = "cls"
     caption: str | None = None
+    extra: list[str] = Field(default_factory=list)
 
     @field_validator("image", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @field_validator("extra")
+    @classmethod
+    def _safe_extra(cls, v):
+        for ext in v:
+            if not ext.strip("."):
+                raise ValueError(f"extension {ext!r} is empty")
+            if is_pickle_ext(ext):
+                raise ValueError(f"extension {ext!r} is pickle-like; curate never copies pickle members")
+        return [ext.lower() for ext in v]
 
 
 class DatasetEntry(BaseModel):
@@ -81,6 +93,9 @@ class Catalog:
         datasets = raw.get("datasets", {}) if isinstance(raw, dict) else None
         if not isinstance(datasets, dict):
             raise CurateError(f"catalog {p}: expected a top-level 'datasets:' mapping")
+        unknown = [str(k) for k in raw if k != "datasets"]
+        if unknown:
+            raise CurateError(f"catalog {p}: unknown top-level key '{unknown[0]}' (only 'datasets' is allowed)")
         entries = {}
         for name, body in datasets.items():
             try:
@@ -115,7 +130,7 @@ class Catalog:
         """Fingerprint of one split: its entry, where its shards are (index.parquet records the
         paths) and their bytes."""
         entry = self.entry(name).model_dump(exclude={"description"})
-        files = [(p, hash_file(p)) for p in self.shards(name, split)]
+        files = [(p, hash_file_cached(p)) for p in self.shards(name, split)]
         return hash_json({"dataset": name, "split": split, "entry": entry, "shards": files})
 
     def set_entry(self, name: str, entry: DatasetEntry) -> None:

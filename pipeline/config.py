@@ -40,6 +40,10 @@ class IndexConfig(Section):
     on_error: Literal["raise", "skip"] = "raise"
     # held out of train when a validated score needs it and the catalog has no `val` split
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    # hostile input: a member larger than this is never read (64 MiB = pipeline.shards.MAX_MEMBER_BYTES),
+    # an image whose header declares more pixels is never decoded (2**25: 8K UHD fits; PIL warns at 89M)
+    max_member_bytes: int = Field(67_108_864, ge=1)
+    max_pixels: int = Field(33_554_432, ge=1)
 
 
 class ClipConfig(Section):
@@ -358,10 +362,7 @@ class VerifyConfig(Section):
                 raise ValueError(f"milestone {m} is outside the training (1..{self.epochs - 1})")
         if self.recipe == "clip" and self.online:
             raise ValueError("online selection trains classifiers; recipe clip trains a CLIP on pairs (drop verify.online)")
-        names = [s.sel_name for s in self.online]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"online names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
+        check_names("online", [s.sel_name for s in self.online])
         return self
 
 
@@ -474,7 +475,7 @@ class FlowConfig(Section):
 class RunConfig(Section):
     run: str
     dataset: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch generators take 0 .. 2**32 - 1
     index: IndexConfig = Field(default_factory=IndexConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
@@ -548,14 +549,19 @@ class RunConfig(Section):
         raise CurateError(f"config: no distill spec named '{name}' (have: {have})")
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
+
+
 def check_names(kind: str, names: list[str]) -> None:
-    """Unit names are directory names: unique, and letters, digits and _ . + - only."""
+    """Unit names become one directory name each (`select/<name>`): unique, letters, digits and
+    _ . + - only, and no leading dot, so `.` and `..` (the parent!) and hidden names cannot occur."""
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"{kind} names repeat: {', '.join(dup)} (set 'name' to tell them apart)")
-    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
+    bad = [n for n in names if not SAFE_NAME.fullmatch(n)]
     if bad:
-        raise ValueError(f"{kind} name {bad[0]!r} may only hold letters, digits and _ . + -")
+        raise ValueError(f"{kind} name {bad[0]!r} must be one path component: letters, digits and _ . + -, "
+                         "not starting with a dot")
 
 
 DEMO_CONFIG: dict[str, Any] = {

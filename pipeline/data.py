@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ShardError
 from .manifest import read_parquet
-from .shards import IMAGE_EXTS, UNSAFE_EXTS, decode_image, split_member_name
+from .shards import IMAGE_EXTS, MAX_MEMBER_BYTES, decode_image, is_pickle_ext, split_member_name
 
 
 def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:
@@ -78,8 +78,11 @@ class ManifestDataset:
         out = {}
         with open(shard, "rb") as fh:
             for ext, (off, size) in entry.items():
-                if ext.rsplit(".", 1)[-1] in UNSAFE_EXTS:
+                if is_pickle_ext(ext):
                     raise ShardError(f"shard {shard}: sample {self.keys[i]!r} has pickle member .{ext}; not decoded")
+                if size > MAX_MEMBER_BYTES:
+                    raise ShardError(f"shard {shard}: sample {self.keys[i]!r}: member .{ext} is {size:,} bytes, "
+                                     f"over {MAX_MEMBER_BYTES:,}; not read")
                 fh.seek(off)
                 out[ext] = fh.read(size)
         return out
@@ -101,7 +104,10 @@ class ManifestDataset:
         item = {"image": img, "label": int(self.labels[i]), "weight": float(self.weights[i]),
                 "key": self.keys[i], "row": int(self.rows[i])}
         if "txt" in members:  # absent rather than None, so default_collate can batch items
-            item["caption"] = members["txt"].decode("utf-8")
+            try:
+                item["caption"] = members["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ShardError(f"{where}: caption is not UTF-8") from None
         return item
 
 

@@ -2,8 +2,10 @@
 
 A shard is a plain tar whose members are `<key>.<ext>`; the members of one sample are
 consecutive. We read and write tars ourselves (tarfile) so that every failure names
-its shard and sample, output bytes are reproducible (fixed mtime/owner), and pickle
-members are refused by extension before any byte of them is interpreted.
+its shard and sample, output bytes are reproducible (fixed mtime/owner), pickle
+members are refused by extension before any byte of them is interpreted, and memory stays
+bounded on hostile input (members over a size cap are never read, images over a pixel cap
+never decoded, brace patterns counted before they are expanded).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import io
 import json
 import os
 import re
+import secrets
 import tarfile
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,30 +24,91 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ShardError
+from .errors import CurateError, ShardError
 
 # Members that would need unpickling to read: never decoded from a shard.
 UNSAFE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "npy"})
+# Limits on hostile input (README, "Run configuration"): a member larger than this is never read
+# (index.max_member_bytes, 64 MiB), and a brace pattern may name at most this many shards.
+MAX_MEMBER_BYTES = 64 * 2**20
+MAX_SHARDS = 1_000_000
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(\d{1,18})\.\.(\d{1,18})")  # longer numbers are no shard range: a literal
+
+
+def bad_sample(reason: str, message: str) -> ShardError:
+    """A ShardError tagged with a short reason (the key of index's `skipped_by_reason`)."""
+    exc = ShardError(message)
+    exc.reason = reason
+    return exc
+
+
+def is_pickle_ext(ext: str) -> bool:
+    """Whether any part of a member extension is pickle-like (`pkl`, `pkl.gz`, `gz.PKL`):
+    compressing a pickle does not make it safe to decode."""
+    return any(part in UNSAFE_EXTS for part in ext.lower().split("."))
+
+
+def _options(body: str) -> Iterator[str]:
+    """The options of one `{...}` group: comma-separated items, each a literal or a `lo..hi` range."""
+    for item in body.split(","):
+        rng = _RANGE.fullmatch(item)
+        if rng:
+            lo, hi = rng.groups()
+            width = len(lo) if lo.startswith("0") else 0
+            yield from (str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+        else:
+            yield item
+
+
+def _count(pattern: str, limit: int) -> int:
+    """How many names `pattern` expands to. Top-level groups are counted without expanding them;
+    nested ones option by option, stopping once the count passes `limit`."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return 1
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    if "{" not in head:  # a top-level group: every option leaves the same rest to expand
+        ranges = [_RANGE.fullmatch(item) for item in body.split(",")]
+        n = sum(max(0, int(r[2]) - int(r[1]) + 1) if r else 1 for r in ranges)
+        return n * _count(tail, limit) if n else 0
+    total = 0  # nested: an option joins the enclosing group, so count each (lazily, stopping past the limit)
+    for opt in _options(body):
+        total += _count(head + opt + tail, limit - total)
+        if total > limit:
+            break
+    return total
+
+
+def _expand(pattern: str) -> Iterator[str]:
+    m = _BRACE.search(pattern)
+    if not m:
+        yield pattern
+        return
+    for opt in _options(m.group(1)):
+        yield from _expand(pattern[: m.start()] + opt + pattern[m.end():])
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand `{000000..000009}` ranges (zero padding kept) and `{a,b}` lists, in order."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    head, tail = pattern[: m.start()], pattern[m.end():]
-    return [p for opt in options for p in expand_braces(head + opt + tail)]
+    """Expand `{000000..000009}` ranges (zero padding kept) and `{a,b}` lists (items may be ranges), in order.
+
+    The names are counted before they are expanded, so a pattern naming more than MAX_SHARDS
+    shards is refused in one line instead of filling memory; a pattern naming one shard twice is
+    refused too (its samples would be read twice).
+    """
+    names: dict[str, None] = {}
+    try:
+        if _count(pattern, MAX_SHARDS) > MAX_SHARDS:
+            raise CurateError(f"brace pattern {pattern!r} names more than {MAX_SHARDS:,} shards")
+        for name in _expand(pattern):
+            if name in names:
+                raise CurateError(f"brace pattern {pattern!r} names shard {name!r} twice")
+            names[name] = None
+    except RecursionError:  # each group is one level of recursion
+        raise CurateError(f"brace pattern {pattern!r} has too many groups") from None
+    return list(names)
 
 
 def shard_pattern(prefix: str, count: int) -> str:
@@ -67,18 +132,29 @@ class Sample:
     key: str
     offset: int  # position of the sample within its shard
     members: dict[str, bytes] = field(default_factory=dict)
+    oversized: dict[str, int] = field(default_factory=dict)  # ext -> size of members left unread (over the cap)
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
-    """Stream the samples of one shard in order.
+def _skip_member(fh) -> None:
+    """Read past a member in 1 MiB chunks, keeping none: memory stays bounded, and it is far
+    faster than tarfile's own skip in stream mode (which re-slices its buffer per 10 KiB)."""
+    while fh is not None and fh.read(2**20):
+        pass
 
-    Raises ShardError naming the shard (and the last good sample) on a missing file or a
-    truncated/corrupt tar; a sample cut short by truncation is not yielded.
+
+def iter_shard(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Sample]:
+    """Stream the samples of one shard in order, in bounded memory.
+
+    A member larger than `max_member_bytes` is not read (the stream skips its bytes) but listed
+    in `Sample.oversized`, which check_safe refuses. Raises ShardError naming the shard (and the
+    last good sample) on a missing file or a truncated/corrupt tar (a sample cut short is not
+    yielded), and on a key whose members are not consecutive (it would read as two samples).
     """
     path = str(path)
     if not os.path.isfile(path):
         raise ShardError(f"shard {path}: no such file")
     current: Sample | None = None
+    done: set[str] = set()  # keys already yielded: a key of this shard may not come back
     offset = 0
     try:
         with tarfile.open(path, mode="r|*") as tf:
@@ -87,13 +163,21 @@ def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
                     continue
                 key, ext = split_member_name(info.name)
                 if current is not None and key != current.key:
+                    done.add(current.key)
                     yield current
                     offset += 1
                     current = None
                 if current is None:
+                    if key in done:
+                        raise ShardError(f"shard {path}: members of sample {key!r} are not consecutive "
+                                         "(the key comes back after other samples)")
                     current = Sample(key=key, offset=offset)
-                if ext in current.members:
+                if ext in current.members or ext in current.oversized:
                     raise ShardError(f"shard {path}: sample {key!r} has member .{ext} twice")
+                if info.size > max_member_bytes:
+                    current.oversized[ext] = info.size
+                    _skip_member(tf.extractfile(info))
+                    continue
                 fh = tf.extractfile(info)
                 current.members[ext] = fh.read() if fh is not None else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
@@ -104,39 +188,101 @@ def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
 
 
 def check_safe(sample: Sample, shard: str) -> None:
-    """Refuse samples carrying pickle members (unsafe to decode, so never decoded)."""
-    bad = sorted(ext for ext in sample.members if ext.rsplit(".", 1)[-1] in UNSAFE_EXTS)
+    """Refuse a sample with a pickle member (never decoded, whatever its compression) or with a
+    member over the size cap (never read). The ShardError carries `.reason` for index's counts."""
+    where = f"shard {shard}: sample {sample.key!r}"
+    bad = sorted(ext for ext in [*sample.members, *sample.oversized] if is_pickle_ext(ext))
     if bad:
-        raise ShardError(
-            f"shard {shard}: sample {sample.key!r} has pickle member(s) {', '.join('.' + b for b in bad)}; "
-            "curate never unpickles shard data"
-        )
+        raise bad_sample("pickle_member", f"{where} has pickle member(s) {', '.join('.' + b for b in bad)}; "
+                                          "curate never unpickles shard data")
+    if sample.oversized:
+        ext, size = min(sample.oversized.items())
+        raise bad_sample("member_too_large", f"{where}: member .{ext} is {size:,} bytes, over "
+                                             "index.max_member_bytes; not read")
 
 
-def decode_image(data: bytes, ext: str, *, where: str = "") -> np.ndarray:
-    """Decode an image member to a uint8 array (H, W) or (H, W, C); raise ShardError if it cannot."""
-    try:
-        if ext == "npy":
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if arr.dtype != np.uint8:
-                raise ValueError(f"npy image must be uint8, got {arr.dtype}")
-            return arr
+def _too_large(where: str, width: int, height: int, max_pixels: int | None, pil_bomb: bool) -> None:
+    over_cap = max_pixels is not None and width * height > max_pixels
+    if over_cap or pil_bomb:
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB")
-            return np.asarray(img, dtype=np.uint8)
+        limit = (f"index.max_pixels ({max_pixels:,})" if over_cap
+                 else f"PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})")
+        raise bad_sample("image_too_large", f"{where}: image is {width}x{height} = {width * height:,} pixels, "
+                                            f"over {limit}; not decoded")
+
+
+def _npy_image(data: bytes, where: str, max_pixels: int | None) -> np.ndarray:
+    """A uint8 (H, W[, C]) .npy, its header checked before its data is loaded (never unpickled)."""
+    fmt = np.lib.format
+    fh = io.BytesIO(data)
+    read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(fh))
+    if read_header is None:
+        raise ValueError("unsupported .npy format version")
+    shape, _, dtype = read_header(fh)
+    if dtype != np.uint8 or len(shape) not in (2, 3):
+        raise ValueError(f"npy image must be uint8 (H, W) or (H, W, C), got {dtype} {shape}")
+    _too_large(where, shape[1], shape[0], max_pixels, False)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _pil_image(data: bytes, where: str, max_pixels: int | None) -> np.ndarray:
+    """Image.open reads only the header: the size is checked before any pixel is decoded. PIL's
+    decompression-bomb warning is caught (not shown) and refuses the image like the cap does."""
+    from PIL import Image
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise bad_sample("image_too_large", f"{where}: image is too large to decode ({exc})") from None
+    bomb = any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
+    with img:
+        _too_large(where, img.size[0], img.size[1], max_pixels, bomb)
+        img.load()
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(data: bytes, ext: str, *, where: str = "", max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image member to a uint8 array (H, W) or (H, W, C); raise ShardError if it cannot.
+
+    An image whose header declares more than `max_pixels` pixels (None: no cap of ours; PIL's
+    decompression-bomb limit applies in any case) is refused before its pixels are decoded, with
+    reason image_too_large.
+    """
+    try:
+        if ext == "npy":
+            return _npy_image(data, where, max_pixels)
+        return _pil_image(data, where, max_pixels)
+    except ShardError:
+        raise
     except Exception as exc:  # PIL raises many types for bad bytes
         raise ShardError(f"{where}: image member .{ext} does not decode ({type(exc).__name__}: {exc})") from None
 
 
+_LABEL = re.compile(rb"\s*(\d+)\s*")  # a bytes pattern: \s and \d match ASCII only
+
+
 def decode_label(data: bytes, *, where: str = "") -> int:
+    """A label member: ASCII decimal digits, optionally surrounded by ASCII whitespace ("3", "3\\n",
+    " 3 "), nothing else. Signs, underscores (`1_0`), `0x3` and non-ASCII digits are refused, though
+    Python's int() takes some of them, so that every reader agrees on every label."""
+    m = _LABEL.fullmatch(data)
+    if m is None or len(m.group(1)) > 18:  # 18 digits: far past any class bound, and int() stays cheap
+        raise ShardError(f"{where}: label member is not a non-negative decimal integer: {data[:20]!r}")
+    return int(m.group(1))
+
+
+def decode_json(data: bytes, *, where: str = ""):
+    """A `.json` member's value; bad UTF-8, bad JSON and nesting too deep to parse are one ShardError
+    (reason bad_json)."""
     try:
-        return int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ShardError(f"{where}: label member is not an integer: {data[:20]!r}") from None
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise bad_sample("bad_json", f"{where}: json member does not parse ({type(exc).__name__})") from None
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -190,7 +336,7 @@ class ShardWriter:
         if self._tar is None or self._count >= self.shard_size:
             self._close_shard()
             self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
-            self._tmp = self.out_dir / f".{self._name}.tmp"
+            self._tmp = temp_path(self.out_dir / self._name)
             self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.GNU_FORMAT)  # long keys allowed
             self._count = 0
         for ext in sorted(members):
@@ -203,9 +349,13 @@ class ShardWriter:
 
     def _close_shard(self) -> None:
         if self._tar is not None:
-            self._tar.close()
-            os.replace(self._tmp, self.out_dir / self._name)
-            self._tar = None
+            tar, self._tar = self._tar, None
+            try:
+                tar.close()
+                os.replace(self._tmp, self.out_dir / self._name)
+            except BaseException:
+                self._tmp.unlink(missing_ok=True)
+                raise
 
     def close(self) -> dict[str, int]:
         self._close_shard()
@@ -223,19 +373,41 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+def read_sizes(path: Path) -> dict[str, int]:
+    """A sizes.json: a JSON object of shard basename -> sample count (a non-negative int)."""
+    try:
+        sizes = json.loads(Path(path).read_bytes())
+    except ValueError:  # bad UTF-8 or bad JSON
+        sizes = None
+    if not isinstance(sizes, dict) or not all(type(n) is int and n >= 0 for n in sizes.values()):
+        raise CurateError(f"{path}: expected a JSON object of shard name -> sample count (a non-negative integer)")
+    return sizes
+
+
 def update_sizes(out_dir: Path, sizes: dict[str, int], prefix: str | None = None) -> None:
     """Merge `sizes` into out_dir/sizes.json, replacing earlier entries of the same prefix."""
     path = Path(out_dir) / "sizes.json"
     merged: dict[str, int] = {}
     if path.exists():
-        merged = json.loads(path.read_text())
+        merged = read_sizes(path)
         if prefix is not None:
             merged = {k: v for k, v in merged.items() if not k.startswith(prefix + "-")}
     merged.update(sizes)
     write_text_atomic(path, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
 
 
+def temp_path(path: Path) -> Path:
+    """A hidden sibling of `path` unique to this process and call: two writers of one file never
+    share (and clobber) a temporary."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write via a unique temporary and rename into place; the temporary is removed if that fails."""
+    tmp = temp_path(Path(path))
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -42,7 +42,8 @@ def pool_channels(ctx: StageContext) -> int:
 def load_table_images(ctx: StageContext, table, image_size: int | None) -> np.ndarray:
     entry = ctx.catalog.entry(ctx.cfg.dataset)
     return load_images(table.column("shard").to_pylist(), table.column("offset").to_pylist(),
-                       entry.fields.image, image_size, channels=pool_channels(ctx))
+                       entry.fields.image, image_size, channels=pool_channels(ctx),
+                       max_member_bytes=ctx.cfg.index.max_member_bytes, max_pixels=ctx.cfg.index.max_pixels)
 
 
 def load_index_arrays(ctx: StageContext, image_size: int | None, name: str = "index.parquet"):

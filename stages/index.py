@@ -1,9 +1,12 @@
 """index: one row per usable training sample, after checking every sample decodes.
 
-Checks per sample: no pickle member (never decoded), a key without dots and unique
-across shards, an image member that decodes, a label in range where the dataset has
-labels and, in an image-text run (RunConfig.uses_captions), a caption member that is UTF-8
-and not empty or whitespace only (elsewhere a missing caption is null). `on_error: raise` stops at the first bad sample
+Checks per sample: no pickle member (never decoded) and no member over
+`index.max_member_bytes` (never read), a key without dots and unique across shards, an image
+member within `index.max_pixels` that decodes, a `.json` member (if any) that parses, a label
+in range where the dataset has labels (below `num_classes`, or below MAX_CLASSES without it, and
+then the training labels must be dense 0..C-1) and, in an image-text run
+(RunConfig.uses_captions), a caption member that is UTF-8 and not empty or whitespace only
+(elsewhere a missing caption is null). `on_error: raise` stops at the first bad sample
 with a line naming it; `skip` leaves it out and counts it: `_stage.json` metrics hold
 `skipped` (total), `skipped_by_reason` (reason -> count, e.g. no_caption,
 empty_caption) and `skipped_samples` (the first 100: shard, key, reason, error).
@@ -11,7 +14,6 @@ empty_caption) and `skipped_samples` (the first 100: shard, key, reason, error).
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
@@ -20,18 +22,15 @@ import pyarrow as pa
 
 from pipeline.arrays import find_image
 from pipeline.manifest import COMMON_SCHEMA, write_parquet
-from pipeline.shards import check_safe, decode_image, decode_label, iter_shard
+from pipeline.shards import (MAX_MEMBER_BYTES, bad_sample, check_safe, decode_image, decode_json, decode_label,
+                             iter_shard, read_sizes)
 from pipeline.stage import Stage, StageContext
 from pipeline.errors import CurateError, ShardError
 
 MAX_LISTED = 100
-
-
-def bad_sample(reason: str, message: str) -> ShardError:
-    """A ShardError tagged with a short reason (the key of `skipped_by_reason`)."""
-    exc = ShardError(message)
-    exc.reason = reason
-    return exc
+# Without num_classes in the catalog entry, labels must be below this: classes are 0..max label,
+# and one hostile label (1e9) would otherwise size every class-indexed array downstream.
+MAX_CLASSES = 100_000
 
 
 def reason_of(exc: Exception) -> str:
@@ -67,13 +66,12 @@ def check_caption(sample, where: str, field: str) -> str:
 
 
 def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict[str, str],
-                 require_caption: bool = True) -> tuple[int | None, str | None, tuple]:
+                 require_caption: bool = True, max_pixels: int | None = None) -> tuple[int | None, str | None, tuple]:
     """Validate one sample; returns (label, caption, image shape) or raises ShardError (with `.reason`).
     require_caption (an image-text run): a missing or empty caption is bad input; otherwise a
     missing caption is null (DESIGN: nullable, "where there is one")."""
     where = f"shard {shard}: sample {sample.key!r}"
-    with _because("pickle_member"):
-        check_safe(sample, shard)
+    check_safe(sample, shard)
     if "." in sample.key or not sample.key:
         raise bad_sample("bad_key", f"{where}: keys must be non-empty and contain no dots")
     if sample.key in seen:
@@ -82,15 +80,19 @@ def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict
     if found is None:
         raise bad_sample("no_image", f"{where}: no image member ({'/'.join('.' + e for e in fields.image)})")
     with _because("image_undecodable"):
-        shape = decode_image(found[1], found[0], where=where).shape
+        shape = decode_image(found[1], found[0], where=where, max_pixels=max_pixels).shape
+    if "json" in sample.members:  # materialize parses it to add `weight`: refuse it here, not there
+        decode_json(sample.members["json"], where=where)
     label = None
     if fields.label:
         if fields.label not in sample.members:
             raise bad_sample("no_label", f"{where}: missing label member .{fields.label}")
         with _because("bad_label"):
             label = decode_label(sample.members[fields.label], where=where)
-        if num_classes is not None and not 0 <= label < num_classes:
-            raise bad_sample("label_out_of_range", f"{where}: label {label} outside [0, {num_classes})")
+        bound = MAX_CLASSES if num_classes is None else num_classes
+        if not 0 <= label < bound:
+            hint = "" if num_classes is not None else " (the bound without num_classes in the catalog entry)"
+            raise bad_sample("label_out_of_range", f"{where}: label {label} outside [0, {bound}){hint}")
     caption = None
     if fields.caption and require_caption:
         caption = check_caption(sample, where, fields.caption)
@@ -109,19 +111,31 @@ def expected_sizes(shard: str) -> int | None:
     sizes = os.path.join(os.path.dirname(shard), "sizes.json")
     if not os.path.isfile(sizes):
         return None
-    try:
-        return json.loads(open(sizes).read()).get(os.path.basename(shard))
-    except ValueError:
-        raise ShardError(f"{sizes}: not valid JSON") from None
+    return read_sizes(sizes).get(os.path.basename(shard))
+
+
+def check_dense(table: pa.Table, dataset: str) -> None:
+    """Without num_classes, the classes are 0..max label: each needs a training sample, or a
+    class would be learned from nothing (and a typo like 7 for 70 would pass unnoticed)."""
+    labels = table.column("label").drop_null().to_numpy()
+    if len(labels) == 0:
+        return
+    missing = np.setdiff1d(np.arange(labels.max() + 1), labels)
+    if len(missing):
+        listed = ", ".join(str(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise CurateError(f"index: dataset '{dataset}' has no training sample of class(es) {listed} "
+                          f"({len(missing)} of classes 0..{labels.max()} missing); labels must be 0..C-1 without gaps, "
+                          "or set num_classes in the catalog entry")
 
 
 class IndexStage(Stage):
     name = "index"
-    version = 2  # 2: samples of a captioned dataset need a non-empty caption
+    version = 3  # 2: samples of a captioned dataset need a non-empty caption; 3: hostile-input limits
     resources = {"cpu": 1}
 
     def config(self, cfg, sel):
-        c = {"dataset": cfg.dataset, "on_error": cfg.index.on_error}
+        c = {"dataset": cfg.dataset, "on_error": cfg.index.on_error,
+             "max_member_bytes": cfg.index.max_member_bytes, "max_pixels": cfg.index.max_pixels}
         if cfg.uses_captions:
             c["require_captions"] = True
         if cfg.needs_validation:
@@ -140,8 +154,11 @@ class IndexStage(Stage):
         if require and not entry.fields.caption:
             raise CurateError(f"index: this is an image-text run (captions are embedded, scored, selected on or "
                               f"trained on) but dataset '{name}' declares no caption field")
-        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip", require_captions=require)
+        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip", require_captions=require,
+                         max_member_bytes=ctx.config["max_member_bytes"], max_pixels=ctx.config["max_pixels"])
         train = scan.read(ctx.catalog.shards(name, "train"))
+        if entry.fields.label and entry.num_classes is None:
+            check_dense(train, name)
         val = None
         validation = ctx.config.get("validation")
         if validation == "catalog val split":
@@ -196,8 +213,10 @@ def holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.T
 class SplitScan:
     """Reads and checks the samples of a split's shards, skipping or raising per on_error."""
 
-    def __init__(self, dataset: str, entry, skip: bool, require_captions: bool = False):
+    def __init__(self, dataset: str, entry, skip: bool, require_captions: bool = False,
+                 max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None):
         self.dataset, self.entry, self.skip, self.require_captions = dataset, entry, skip, require_captions
+        self.max_member_bytes, self.max_pixels = max_member_bytes, max_pixels
         self.seen: dict[str, str] = {}
         self.skipped: list[dict] = []
         self.shapes: set[tuple] = set()
@@ -216,11 +235,11 @@ class SplitScan:
         for shard in shards:
             expected, count = expected_sizes(shard), 0
             try:
-                for sample in iter_shard(shard):
+                for sample in iter_shard(shard, self.max_member_bytes):
                     count += 1
                     try:
                         label, caption, shape = check_sample(sample, shard, self.entry.fields, self.entry.num_classes,
-                                                             self.seen, self.require_captions)
+                                                             self.seen, self.require_captions, self.max_pixels)
                     except ShardError as exc:
                         if not self.skip:
                             raise

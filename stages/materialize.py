@@ -1,15 +1,17 @@
 """materialize: compact WebDataset shards of one selection, plus manifest.parquet.
 
-Shards keep each sample's original key and members and add `weight` to its json
-member. In the manifest, `shard` is relative to the manifest's folder
-(`shards/subset-000000.tar`) and `offset` is the position in that compact shard;
-`source_shard` / `source_offset` say where the sample came from.
+Shards keep each sample's original key and the members curate understands (the entry's
+image, label and caption members, `json`, and its `fields.extra`), and add `weight` to the json
+member. Any other member is dropped (an unknown member is not passed on to a trainer) and
+counted: metrics `dropped_members` and `dropped_by_ext`. In the manifest, `shard` is relative
+to the manifest's folder (`shards/subset-000000.tar`) and `offset` is the position in that
+compact shard; `source_shard` / `source_offset` say where the sample came from.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
@@ -17,26 +19,27 @@ import pyarrow.compute as pc
 
 from pipeline.errors import ShardError
 from pipeline.manifest import COMMON_SCHEMA, read_parquet, write_parquet
-from pipeline.shards import ShardWriter, iter_shard
+from pipeline.shards import ShardWriter, check_safe, decode_json, iter_shard
 from pipeline.stage import Stage, StageContext
 
 
 def with_weight(members: dict[str, bytes], weight: float, where: str) -> dict[str, bytes]:
-    meta = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (ValueError, UnicodeDecodeError):
-            raise ShardError(f"{where}: json member does not parse") from None
-        if not isinstance(meta, dict):
-            meta = {"value": meta}
+    meta = decode_json(members["json"], where=where) if "json" in members else {}
+    if not isinstance(meta, dict):
+        meta = {"value": meta}
     meta["weight"] = float(weight)
     return {**members, "json": json.dumps(meta, sort_keys=True).encode()}
 
 
+def kept_members(entry) -> set[str]:
+    """The member extensions compact shards carry: what curate reads, plus the entry's `fields.extra`."""
+    f = entry.fields
+    return {*f.image, f.label, f.caption, "json", *f.extra} - {None}
+
+
 class MaterializeStage(Stage):
     name = "materialize"
-    version = 1
+    version = 2  # 2: only known members (and fields.extra) are copied
     per_selection = True
     resources = {"cpu": 1}
 
@@ -58,12 +61,15 @@ class MaterializeStage(Stage):
         new_shard = np.empty(table.num_rows, object)
         new_offset = np.zeros(table.num_rows, np.int32)
         members_of: dict[int, dict[str, bytes]] = {}
+        keep, dropped = kept_members(ctx.catalog.entry(ctx.cfg.dataset)), Counter()
         with ShardWriter(ctx.out / "shards", "subset", ctx.config["shard_size"]) as writer:
             # read shard by shard, write in row order: rows are sorted, shards are in row order
             for shard, wanted in by_shard.items():
-                for sample in iter_shard(shard):
+                for sample in iter_shard(shard, ctx.cfg.index.max_member_bytes):
                     if sample.offset in wanted:
-                        members_of[wanted[sample.offset]] = sample.members
+                        check_safe(sample, shard)
+                        dropped.update(ext for ext in sample.members if ext not in keep)
+                        members_of[wanted[sample.offset]] = {e: d for e, d in sample.members.items() if e in keep}
                 missing = [o for o, i in wanted.items() if i not in members_of]
                 if missing:
                     raise ShardError(f"shard {shard}: sample at offset {missing[0]} named by the selection is gone")
@@ -82,4 +88,5 @@ class MaterializeStage(Stage):
         write_parquet(manifest, ctx.out / "manifest.parquet", stage=self.name, stage_version=self.version,
                       fingerprint=ctx.fingerprint, extra={"selection": sel_name})
         ctx.metrics.update({"samples": manifest.num_rows, "shards": len(writer.sizes),
+                            "dropped_members": sum(dropped.values()), "dropped_by_ext": dict(sorted(dropped.items())),
                             "bytes": sum(p.stat().st_size for p in (ctx.out / "shards").glob("*.tar"))})

@@ -37,8 +37,9 @@ def load_test_split(ctx: StageContext, image_size: int | None):
     if not entry.fields.label:
         raise CurateError(f"verify: dataset '{ctx.cfg.dataset}' has no labels to evaluate against")
     shards, offsets, labels = [], [], []
+    limits = ctx.cfg.index  # the test split is never indexed: the index limits apply here
     for shard in ctx.catalog.shards(ctx.cfg.dataset, "test"):
-        for sample in iter_shard(shard):
+        for sample in iter_shard(shard, limits.max_member_bytes):
             check_safe(sample, shard)
             where = f"shard {shard}: sample {sample.key!r}"
             if entry.fields.label not in sample.members:
@@ -46,7 +47,8 @@ def load_test_split(ctx: StageContext, image_size: int | None):
             shards.append(shard)
             offsets.append(sample.offset)
             labels.append(decode_label(sample.members[entry.fields.label], where=where))
-    images = load_images(shards, offsets, entry.fields.image, image_size, channels=pool_channels(ctx))
+    images = load_images(shards, offsets, entry.fields.image, image_size, channels=pool_channels(ctx),
+                         max_member_bytes=limits.max_member_bytes, max_pixels=limits.max_pixels)
     return images, np.asarray(labels, np.int64)
 
 
