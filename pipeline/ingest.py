@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import uuid
@@ -40,7 +41,7 @@ import numpy as np
 
 from .catalog import Catalog, DatasetEntry, Fields
 from .errors import CurateError
-from .shards import IMAGE_EXTS, ShardWriter, decode_image, encode_png, shard_pattern, update_sizes
+from .shards import IMAGE_EXTS, ShardWriter, decode_image, encode_png, shard_pattern, write_text_atomic
 
 
 @dataclass
@@ -349,6 +350,43 @@ def write_split(samples: Iterable[RawSample], out: Path, split: str, shard_size:
     return writer.sizes
 
 
+INGEST_SHARD = re.compile(r"(train|test)-\d{6}\.tar")  # the only names ingest writes, beside sizes.json
+
+
+def _ingested_sizes(path: Path) -> dict[str, int] | None:
+    """`path` (a sizes.json) as ingest writes it: shard name -> count; None if it is anything else."""
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = isinstance(sizes, dict) and all(INGEST_SHARD.fullmatch(k) and type(v) is int and v >= 0
+                                         for k, v in sizes.items())
+    return sizes if ok else None
+
+
+def earlier_ingest(out: Path, shown: str) -> dict[str, int]:
+    """The shards an earlier ingest wrote into `out`, the only files a new ingest may replace.
+
+    `out` must be new, empty, or hold nothing but those shards and their sizes.json: ingest
+    never deletes or overwrites a file it did not write, so anything else is refused.
+    """
+    if not out.exists() and not out.is_symlink():
+        return {}
+    if not out.is_dir():
+        raise CurateError(f"ingest: --out {shown} exists and is not a folder; choose an empty or new folder")
+    sizes = _ingested_sizes(out / "sizes.json")
+    ours = {"sizes.json", *sizes} if sizes is not None else set()
+    for entry in sorted(out.iterdir()):
+        if entry.name not in ours or entry.is_symlink() or not entry.is_file():
+            raise CurateError(f"ingest: --out {shown} holds {entry.name}, which curate ingest did not write; "
+                              "choose an empty or new folder")
+    return sizes or {}
+
+
+def _write_sizes(out: Path, sizes: dict[str, int]) -> None:
+    write_text_atomic(out / "sizes.json", json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+
+
 def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = None,
            catalog: str | None = None, shard_size: int = 10000, *, noise: float | None = None,
            seed: int | None = None, train_size: int | None = None) -> DatasetEntry:
@@ -366,29 +404,37 @@ def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = Non
                           f"to {users} only")
     if src and not Path(src).exists():
         raise CurateError(f"ingest {source}: --src {src} does not exist")
+    shown, out = str(out), Path(out).absolute()
+    try:
+        earlier_ingest(out, shown)  # refuse before reading the source or writing anything
+    except OSError as exc:
+        raise CurateError(f"ingest: --out {shown}: cannot read ({exc.strerror or exc})") from None
     raw = SOURCES[source](src, **options)
-    out = Path(out).absolute()
     cat = Catalog.load(catalog, missing_ok=True)
     from tqdm import tqdm
 
     # write everything beside `out` first: a killed ingest leaves the old shards untouched
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-ingest-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".tmp-ingest-{out.name}-{uuid.uuid4().hex}"  # unique per process
     all_sizes = {}
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         for split, samples in raw.splits.items():
             with tqdm(desc=f"ingest {split}", unit=" samples", disable=None) as bar:
                 all_sizes[split] = write_split(samples, tmp, split, shard_size, bar.update)
             if not all_sizes[split]:
                 raise CurateError(f"ingest {source}: split '{split}' has no samples")
+        earlier = earlier_ingest(out, shown)  # again: the folder may have changed while the source was read
+        new = {shard: n for sizes in all_sizes.values() for shard, n in sizes.items()}
         out.mkdir(exist_ok=True)
-        for split, sizes in all_sizes.items():
-            for old in out.glob(f"{split}-*.tar"):
-                if old.name not in sizes:
-                    old.unlink()
-            for shard in sizes:
-                os.replace(tmp / shard, out / shard)
-            update_sizes(out, sizes, prefix=split)
+        _write_sizes(out, {**earlier, **new})  # lists every shard while they move: a killed move can be rerun
+        for shard in new:
+            os.replace(tmp / shard, out / shard)
+        for stale in set(earlier) - set(new):
+            (out / stale).unlink(missing_ok=True)
+        _write_sizes(out, new)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise CurateError(f"ingest: cannot write --out {shown} ({exc.strerror or exc}{where})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     splits = {}
