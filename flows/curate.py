@@ -9,6 +9,7 @@ the same tasks run on a distributed.LocalCluster through prefect-dask.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -21,26 +22,30 @@ from prefect.states import Completed  # noqa: E402
 
 from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.locks import install_sigterm_handler  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 from stages.report import table_rows  # noqa: E402
 
 
 @task(retries=0, persist_result=False)
-def stage_task(run_dir: str, unit: str, catalog: str):
-    res = Runner.from_run_dir(run_dir, catalog=catalog).run(unit)
+def stage_task(run_dir: str, unit: str, catalog: str, wait: bool = False):
+    res = Runner.from_run_dir(run_dir, catalog=catalog, wait=wait).run(unit)
     if res["status"] == "cached":
         return Completed(name="Cached", message=f"{unit} is fresh ({res['fingerprint'][:12]})", data=res)
     return res
 
 
-def _submit(unit: str, run_dir: str, catalog: str, wait_for: list):
+def _submit_unit(unit: str, run_dir: str, catalog: str, wait_for: list, wait: bool = False):
     stage = unit.split("/")[0]
-    return stage_task.with_options(name=stage, task_run_name=unit).submit(run_dir, unit, catalog, wait_for=wait_for)
+    return stage_task.with_options(name=stage, task_run_name=unit).submit(run_dir, unit, catalog, wait,
+                                                                           wait_for=wait_for)
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(run_dir: str, catalog: str) -> str:
+def curate_flow(run_dir: str, catalog: str, wait: bool = False) -> str:
+    install_sigterm_handler()  # over Prefect's own: stop within seconds, even with tasks still computing
     runner = Runner.from_run_dir(run_dir, catalog=catalog)
+    _submit = functools.partial(_submit_unit, wait=wait)
     sels = [s.sel_name for s in runner.cfg.select]
     index = _submit("index", run_dir, catalog, [])
     parts = [_submit(u, run_dir, catalog, [index]) for u in runner.units("embed_part")]  # mapped, if any
@@ -88,7 +93,8 @@ def ensure_demo_data(catalog: Catalog) -> None:
         ingest("digits", catalog.path.parent / "data" / "digits", "digits", catalog=str(catalog.path))
 
 
-def run_flow(config: str | None = None, overrides: list[str] = (), catalog: str | None = None) -> str:
+def run_flow(config: str | None = None, overrides: list[str] = (), catalog: str | None = None,
+             wait: bool = False) -> str:
     """Validate the config, write run.json, run the flow; returns the report path."""
     cfg = load_config(config, list(overrides))
     cat = Catalog.load(catalog, missing_ok=config is None)
@@ -101,4 +107,4 @@ def run_flow(config: str | None = None, overrides: list[str] = (), catalog: str 
     tr = task_runner_for(cfg)
     if tr is not None:
         fl = curate_flow.with_options(task_runner=tr)
-    return fl(str(runner.run_dir), str(cat.path))
+    return fl(str(runner.run_dir), str(cat.path), wait)

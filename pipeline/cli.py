@@ -58,14 +58,20 @@ def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagef
 @app.command()
 def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (default: the digits demo)"),
         set_: List[str] = typer.Option([], "--set", help="override, e.g. select.0.budget=0.2"),
-        catalog: Optional[str] = typer.Option(None, "--catalog")):
+        catalog: Optional[str] = typer.Option(None, "--catalog"),
+        wait: bool = typer.Option(False, "--wait", help="a unit another process computes: wait for it")):
     """Run the whole flow through Prefect."""
-    from flows.curate import run_flow
+    from .locks import install_sigterm_handler
 
+    install_sigterm_handler()
     try:
-        report = run_flow(str(config) if config else None, list(set_), catalog)
+        from flows.curate import run_flow
+
+        report = run_flow(str(config) if config else None, list(set_), catalog, wait=wait)
     except CurateError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_line(exc))
     typer.echo(f"report: {report}")
 
 
@@ -75,12 +81,15 @@ def stage(name: str = typer.Argument(..., help="index | embed | score | select |
           config: Optional[Path] = typer.Option(None, "--config"),
           set_: List[str] = typer.Option([], "--set"),
           catalog: Optional[str] = typer.Option(None, "--catalog"),
-          force: bool = typer.Option(False, "--force", help="recompute even if fresh")):
+          force: bool = typer.Option(False, "--force", help="recompute even if fresh"),
+          wait: bool = typer.Option(False, "--wait", help="a unit another process computes: wait for it")):
     """Run one stage (every unit of it) without a Prefect server."""
+    from .locks import install_sigterm_handler
     from .runner import Runner
 
+    install_sigterm_handler()
     try:
-        runner = Runner.from_run_dir(run_dir, str(config) if config else None, set_, catalog)
+        runner = Runner.from_run_dir(run_dir, str(config) if config else None, set_, catalog, wait=wait)
         units = runner.units(name)
         if not units:
             typer.echo(f"{name}: nothing to run in this config (e.g. no score methods or no selections)")
@@ -90,40 +99,57 @@ def stage(name: str = typer.Argument(..., help="index | embed | score | select |
             typer.echo(f"{res['unit']}: {res['status']} ({res['wall_seconds']:.1f} s) {res['fingerprint'][:12]}")
     except CurateError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_line(exc))
 
 
 @app.command()
-def status(run_dir: Path = typer.Option(..., "--run"), catalog: Optional[str] = typer.Option(None, "--catalog")):
-    """Each stage unit: done / stale / missing, fingerprint, wall time."""
+def status(run_dir: Path = typer.Option(..., "--run"), catalog: Optional[str] = typer.Option(None, "--catalog"),
+           verify: bool = typer.Option(False, "--verify", help="rehash every output file, not only those whose "
+                                                               "size or mtime changed")):
+    """Each stage unit: done / stale / missing / running, fingerprint, wall time, and why."""
     from .runner import Runner
 
     try:
-        rows = Runner.from_run_dir(run_dir, catalog=catalog).status()
+        rows = Runner.from_run_dir(run_dir, catalog=catalog).status(rehash=verify)
     except CurateError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_line(exc))
     for r in rows:
         wall = f"{r['wall_seconds']:.1f} s" if r["wall_seconds"] is not None else "-"
-        typer.echo(f"{r['unit']:<32} {r['state']:<8} {r['fingerprint']}  {wall:>9}  {r['ended'] or ''}")
+        why = f"  ({r['why']})" if r["why"] else ""
+        typer.echo(f"{r['unit']:<32} {r['state']:<8} {r['fingerprint']}  {wall:>9}  {r['ended'] or ''}{why}")
+
+
+def _os_line(exc: OSError) -> CurateError:
+    """A file-system failure outside any unit (reading a config, a catalog): one line."""
+    return CurateError(f"{exc.filename or 'file system'}: {exc.strerror or exc}")
 
 
 @app.command()
 def report(run_dir: Path = typer.Option(..., "--run")):
     """Rewrite verify/report.md and the PNG plots from report.json, and print the table."""
-    from stages.report import plot_report, render_markdown
+    from stages.report import plot_report, read_report, render_markdown
 
-    path = run_dir / "verify" / "report.json"
-    if not path.exists():
-        _fail(CurateError(f"run {run_dir}: no verify/report.json (run `curate stage verify --run {run_dir}`)"))
+    verify = run_dir / "verify"
+    path = verify / "report.json"
     try:
-        md = render_markdown(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        _fail(CurateError(f"{path}: not a curate report ({type(exc).__name__}: {exc})"))
-    from .shards import write_text_atomic
-
-    write_text_atomic(run_dir / "verify" / "report.md", md)
-    with tempfile.TemporaryDirectory(dir=run_dir / "verify") as tmp:
-        for name in plot_report(json.loads(path.read_text()), Path(tmp)):
-            os.replace(Path(tmp) / name, run_dir / "verify" / name)
+        if not path.exists():
+            raise CurateError(f"run {run_dir}: no verify/report.json (run `curate stage verify --run {run_dir}`)")
+        data = read_report(path)
+        md = render_markdown(data)
+        with tempfile.TemporaryDirectory(dir=verify) as tmp:  # all drawn before anything is replaced
+            (Path(tmp) / "report.md").write_text(md, encoding="utf-8")
+            for name in ["report.md", *plot_report(data, Path(tmp))]:
+                os.replace(Path(tmp) / name, verify / name)
+    except CurateError as exc:
+        _fail(exc)
+    except (ValueError, KeyError, TypeError) as exc:  # a hand-edited row lacks a field or holds a wrong type
+        _fail(CurateError(f"{path}: not a curate report ({' '.join(f'{type(exc).__name__}: {exc}'.split())})"))
+    except OSError as exc:  # a read-only verify/, a folder where a plot goes, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(CurateError(f"{verify}: cannot write the report ({exc.strerror or exc}{where})"))
     typer.echo(md)
 
 

@@ -4,6 +4,7 @@ stale when anything upstream changed, atomic outputs, `_stage.json` per unit.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,9 +21,11 @@ from .catalog import Catalog
 from .config import RunConfig, SelectSpec, load_config
 from .errors import CurateError
 from .fingerprint import hash_file, stage_fingerprint
+from .locks import UnitLock, critical, is_stale, lock_path, read_holder, track_tmp, untrack_tmp, describe
 from .shards import write_text_atomic
 
 STAGE_FILE = "_stage.json"
+RUN_FORMAT = "curate-run/1"  # marks a run.json curate wrote: only such a directory is reused
 STAGE_ORDER = ["index", "embed_part", "embed", "score", "select", "materialize", "experts", "distill", "verify"]
 
 
@@ -52,29 +55,50 @@ class Runner:
             cfg._dataset_splits = dict(catalog.entries[cfg.dataset].splits)
         self._fp: dict[str, str] = {}
         self._ext: dict[tuple[str, str], str] = {}
+        self.wait = False  # a unit locked by another process: wait for it instead of failing
 
     # ------------------------------------------------------------ loading
     @classmethod
     def from_run_dir(cls, run_dir: str | os.PathLike, config: str | None = None,
-                     overrides: list[str] = (), catalog: str | None = None) -> "Runner":
+                     overrides: list[str] = (), catalog: str | None = None, wait: bool = False) -> "Runner":
         """Config from `config` if given, else from run_dir/run.json; then overrides."""
         run_dir = Path(run_dir)
-        recorded = {}
-        if (run_dir / "run.json").exists():
-            recorded = json.loads((run_dir / "run.json").read_text())
+        recorded = read_run_json(run_dir) or {}
         if config is None and not recorded:
             raise CurateError(f"run {run_dir}: no run.json here; pass --config CONFIG.yaml")
         source = config if config is not None else recorded["config"]
         cfg = load_config(source, list(overrides))
         cat_path = catalog or os.environ.get("CURATE_CATALOG") or recorded.get("catalog")
-        return cls(cfg, Catalog.load(cat_path), run_dir)
+        runner = cls(cfg, Catalog.load(cat_path), run_dir)
+        runner.wait = wait
+        return runner
+
+    def claim(self) -> None:
+        """Refuse a run directory curate did not create: only a new or empty one is adopted, and
+        one with a curate run.json reused (nothing else in it is ever replaced)."""
+        if read_run_json(self.run_dir) is not None or not self.run_dir.exists():
+            return
+        with os.scandir(self.run_dir) as it:
+            first = next(it, None)
+        if first is not None:
+            raise CurateError(f"run {self.run_dir}: directory holds {first.name} but no curate run.json; "
+                              "curate writes only into a new or empty run directory")
 
     def write_run_json(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        body = {"config": self.cfg.model_dump(mode="json"), "dataset": self.cfg.dataset,
+        """Save the config (only if it changed: a cached run in a read-only directory needs no write)."""
+        self.claim()
+        body = {"format": RUN_FORMAT, "config": self.cfg.model_dump(mode="json"), "dataset": self.cfg.dataset,
                 "dataset_entry": self.catalog.entry(self.cfg.dataset).model_dump(),
                 "catalog": str(self.catalog.path), "versions": versions()}
-        write_text_atomic(self.run_dir / "run.json", json.dumps(body, indent=1, sort_keys=True) + "\n")
+        text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+        path = self.run_dir / "run.json"
+        try:
+            if path.is_file() and path.read_text() == text:
+                return
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, text)
+        except OSError as exc:
+            raise CurateError(f"run {self.run_dir}: cannot write run.json ({exc.strerror})") from None
 
     # ------------------------------------------------------------ units
     def units(self, stage: str | None = None) -> list[str]:
@@ -111,92 +135,226 @@ class Runner:
         return self._fp[unit]
 
     def record(self, unit: str) -> dict | None:
+        """The unit's `_stage.json`; None if absent, {} if unreadable (so never fresh)."""
         path = self.run_dir / unit / STAGE_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        try:
+            rec = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return rec if isinstance(rec, dict) else {}
 
-    def state(self, unit: str) -> str:
-        """'done' (fresh), 'stale' (outputs from other inputs or config) or 'missing'."""
+    def state(self, unit: str, rehash: bool = False) -> str:
+        """'done' (fresh), 'stale' (outputs from other inputs or config, changed on disk, or an
+        upstream unit is not done) or 'missing'."""
+        return self.explain(unit, rehash)[0]
+
+    def explain(self, unit: str, rehash: bool = False, memo: dict | None = None) -> tuple[str, str]:
+        """(state, why). Outputs are checked against the sizes and mtimes `_stage.json` recorded;
+        a file whose mtime moved is rehashed, and rehash=True rehashes every file. `memo` shares
+        the upstream answers between the units of one status call."""
+        memo = {} if memo is None else memo
+        if unit not in memo:
+            memo[unit] = self._explain(unit, rehash, memo)
+        return memo[unit]
+
+    def _explain(self, unit: str, rehash: bool, memo: dict) -> tuple[str, str]:
         rec = self.record(unit)
         if rec is None:
-            return "missing"
-        if rec["fingerprint"] != self.fingerprint(unit):
-            return "stale"
+            return "missing", ""
+        if rec.get("fingerprint") != self.fingerprint(unit):
+            return "stale", "config or inputs changed" if rec else "_stage.json unreadable"
+        changed = outputs_changed(self.run_dir / unit, rec.get("outputs"), rehash)
+        if changed:
+            return "stale", changed
         # an upstream recomputed since (e.g. --force on a GPU, where outputs may differ) makes this stale too
         for up, recorded in rec.get("upstream_outputs", {}).items():
             up_rec = self.record(up)
             if up_rec is None or up_rec.get("output_hash") != recorded:
-                return "stale"
-        return "done"
+                return "stale", f"{up} was recomputed"
+            up_state = self.explain(up, rehash, memo)[0]
+            if up_state != "done":
+                return "stale", f"{up} is {up_state}"
+        return "done", ""
+
+    def holder(self, unit: str) -> dict | None:
+        """Who computes the unit right now (a live lock), or None."""
+        info = read_holder(lock_path(self.run_dir / unit))
+        return None if info is None or is_stale(info) else info
 
     # ------------------------------------------------------------ running
     def run(self, unit: str, force: bool = False) -> dict:
-        """Run one unit unless fresh; returns {unit, fingerprint, status, wall_seconds}."""
+        """Run one unit unless fresh; returns {unit, fingerprint, status, wall_seconds}.
+
+        A fresh unit is answered without any write (a read-only run directory works). Otherwise
+        the unit's lock is taken (another process computing it: CurateError naming it, or a wait
+        with `self.wait`), and the output is written beside the unit and renamed into place."""
         stage, sel = self._resolve(unit)
         fp = self.fingerprint(unit)
+        cached = {"unit": unit, "fingerprint": fp, "status": "cached", "wall_seconds": 0.0}
         if not force and self.state(unit) == "done":
-            return {"unit": unit, "fingerprint": fp, "status": "cached", "wall_seconds": 0.0}
+            return cached
         for up in stage.upstream(self.cfg, sel):
             st = self.state(up)
             if st != "done":
                 raise CurateError(f"{unit} needs {up}, which is {st}: run `curate stage {up.split('/')[0]} --run {self.run_dir}` first")
+        final = self.run_dir / unit
+        try:
+            if read_run_json(self.run_dir) is None:
+                self.write_run_json()
+            check_replaceable(final, unit, stage.name)
+            with UnitLock(final, unit, wait=self.wait, on_wait=print):
+                if not force and self.state(unit) == "done":  # finished by the process we waited for
+                    return cached
+                check_replaceable(final, unit, stage.name)
+                wall = self._compute(unit, stage, sel, fp, final)
+        except OSError as exc:
+            raise os_error(unit, final, exc) from None
+        return {"unit": unit, "fingerprint": fp, "status": "computed", "wall_seconds": round(wall, 3)}
+
+    def _compute(self, unit: str, stage, sel, fp: str, final: Path) -> float:
         from .stage import StageContext
 
-        final = self.run_dir / unit
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(final)
+        _clean_leftovers(final)  # under the lock: only a dead process's leftovers match
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        track_tmp(tmp)
         ctx = StageContext(run_dir=self.run_dir, unit=unit, out=tmp, cfg=self.cfg, catalog=self.catalog,
                            config=stage.config(self.cfg, sel), fingerprint=fp, sel=sel)
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         try:
             stage.run(ctx)
+            wall = time.perf_counter() - t0
+            device = ctx.config.get("device")
+            outputs = describe_outputs(tmp)
+            rec = {"stage": stage.name, "unit": unit, "stage_version": stage.version, "fingerprint": fp,
+                   "inputs": self.inputs(unit), "config": ctx.config, "resources": stage.resources,
+                   "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
+                   "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
+                   "host": platform.node(), "pid": os.getpid(), "output_hash": hash_outputs(outputs),
+                   "outputs": outputs,
+                   "upstream_outputs": {up: self.record(up).get("output_hash") for up in stage.upstream(self.cfg, sel)},
+                   "metrics": ctx.metrics}
+            (tmp / STAGE_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n")
+            with critical():
+                _swap_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        wall = time.perf_counter() - t0
-        device = ctx.config.get("device")
-        rec = {"stage": stage.name, "unit": unit, "stage_version": stage.version, "fingerprint": fp,
-               "inputs": self.inputs(unit), "config": ctx.config, "resources": stage.resources,
-               "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
-               "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
-               "host": platform.node(), "pid": os.getpid(), "output_hash": output_hash(tmp),
-               "upstream_outputs": {up: self.record(up).get("output_hash") for up in stage.upstream(self.cfg, sel)},
-               "metrics": ctx.metrics}
-        (tmp / STAGE_FILE).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str) + "\n")
-        _swap_into_place(tmp, final)
-        return {"unit": unit, "fingerprint": fp, "status": "computed", "wall_seconds": round(wall, 3)}
+        finally:
+            untrack_tmp(tmp)
+        return wall
 
     def run_all(self, force: bool = False) -> list[dict]:
         self.write_run_json()
         return [self.run(u, force) for u in self.units()]
 
-    def status(self) -> list[dict]:
-        rows = []
+    def status(self, rehash: bool = False) -> list[dict]:
+        rows, memo = [], {}
         for unit in self.units():
             rec = self.record(unit) or {}
-            rows.append({"unit": unit, "state": self.state(unit), "fingerprint": self.fingerprint(unit)[:12],
+            state, why = self.explain(unit, rehash, memo)
+            holder = self.holder(unit)
+            if holder is not None:
+                state, why = "running", describe(holder)
+            rows.append({"unit": unit, "state": state, "why": why, "fingerprint": self.fingerprint(unit)[:12],
                          "wall_seconds": rec.get("wall_seconds"), "ended": rec.get("ended")})
         return rows
 
 
+def read_run_json(run_dir: Path) -> dict | None:
+    """The run.json of a curate run directory; None where there is none; CurateError where the
+    path is a file or the run.json is not one curate wrote."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CurateError(f"run {run_dir}: is a file, not a run directory")
+    path = run_dir / "run.json"
+    if not path.exists():
+        return None
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CurateError(f"run {run_dir}: run.json is unreadable or not JSON ({type(exc).__name__}); "
+                          "it is not a curate run: choose a new or empty run directory") from None
+    legacy = (isinstance(body, dict) and {"config", "dataset", "dataset_entry", "catalog", "versions"} <= body.keys()
+              and isinstance(body["versions"], dict) and "curate" in body["versions"])  # written before RUN_FORMAT
+    if not isinstance(body, dict) or not (body.get("format") == RUN_FORMAT or legacy) \
+            or not isinstance(body.get("config"), dict):
+        raise CurateError(f"run {run_dir}: run.json was not written by curate; choose a new or empty run directory")
+    return body
+
+
+def check_replaceable(final: Path, unit: str, stage: str) -> None:
+    """A unit directory is replaced only if it holds curate's `_stage.json` for that stage."""
+    if not final.exists() and not final.is_symlink():
+        return
+    rec = None
+    if final.is_dir() and not final.is_symlink():
+        try:
+            rec = json.loads((final / STAGE_FILE).read_text())
+        except (OSError, ValueError):
+            rec = None
+    if not isinstance(rec, dict) or rec.get("stage") != stage:
+        raise CurateError(f"{unit}: {final} exists and was not written by curate (no valid {STAGE_FILE}); "
+                          "move it away: curate replaces only its own outputs")
+
+
+def os_error(unit: str, final: Path, exc: OSError) -> CurateError:
+    """One line for a failed write: which unit, which file, and (disk full) how much space is left."""
+    where = exc.filename or final.parent
+    if exc.errno == errno.ENOSPC:
+        probe = final.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        return CurateError(f"{unit}: no space left on device writing {where} ({free / 2**20:.1f} MiB free); "
+                           "the previous output, if any, is intact")
+    return CurateError(f"{unit}: cannot write {where} ({exc.strerror or exc})")
+
+
 def _clean_leftovers(final: Path) -> None:
-    """Remove temporary directories a killed run of this unit left behind (this unit's only:
-    `.tmp-cifar-*` must not match a concurrent `.tmp-cifar-big-*`)."""
+    """Remove temporary directories a killed run of this unit left behind. Called under the
+    unit's lock, so none of them is live; this unit's only: `.tmp-cifar-*` must not match
+    `.tmp-cifar-big-*`."""
     pattern = re.compile(rf"\.(tmp|old)-{re.escape(final.name)}-[0-9a-f]{{8}}")
     for p in final.parent.iterdir():
         if pattern.fullmatch(p.name):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def output_hash(directory: Path) -> str:
-    """sha256 over the relative names and bytes of every output file (not _stage.json)."""
-    h = hashlib.sha256()
+def describe_outputs(directory: Path) -> dict[str, list]:
+    """relative name -> [size, mtime_ns, sha256] of every output file (not _stage.json): what
+    `state` checks to notice an output edited or deleted after the unit finished."""
+    out = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != STAGE_FILE:
-            h.update(str(p.relative_to(directory)).encode() + b"\0" + hash_file(p).encode())
+            st = p.stat()
+            out[str(p.relative_to(directory))] = [st.st_size, st.st_mtime_ns, hash_file(p)]
+    return out
+
+
+def hash_outputs(outputs: dict[str, list]) -> str:
+    """sha256 over the relative names and bytes of the output files."""
+    h = hashlib.sha256()
+    for rel, (_, _, digest) in sorted(outputs.items()):
+        h.update(rel.encode() + b"\0" + digest.encode())
     return h.hexdigest()
+
+
+def outputs_changed(directory: Path, outputs: dict | None, rehash: bool = False) -> str | None:
+    """Why the recorded outputs no longer match the files, or None. Size first, then the hash of
+    any file whose mtime moved (a copy keeps content but not mtimes)."""
+    for rel, (size, mtime_ns, digest) in (outputs or {}).items():
+        p = directory / rel
+        try:
+            st = p.stat()
+        except OSError:
+            return f"output {rel} is missing"
+        if st.st_size != size or ((rehash or st.st_mtime_ns != mtime_ns) and hash_file(p) != digest):
+            return f"output {rel} was changed"
+    return None
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("CURATE_CACHE_DIR", tempfile.mkdtemp(prefix="curate-cache-"))  # not the user's ~/.cache
 
 from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -88,3 +90,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def rerecord(unit_dir: Path) -> None:
+    """Make `_stage.json` claim the files now in `unit_dir`, as if the stage itself had written
+    them: how a test plants bad output (NaN rows, a foreign buffer) that the run store would
+    otherwise see as tampered, hence stale."""
+    import json
+
+    from pipeline.runner import STAGE_FILE, describe_outputs, hash_outputs
+
+    rec = json.loads((unit_dir / STAGE_FILE).read_text())
+    rec["outputs"] = describe_outputs(unit_dir)
+    rec["output_hash"] = hash_outputs(rec["outputs"])
+    (unit_dir / STAGE_FILE).write_text(json.dumps(rec))

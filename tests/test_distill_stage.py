@@ -21,7 +21,7 @@ from pipeline.manifest import parquet_metadata, read_parquet
 from pipeline.runner import Runner
 from stages.distill.stage import CACHE, read_distilled
 
-from tests.conftest import fast_config, files_under
+from tests.conftest import fast_config, files_under, rerecord
 
 EXPERTS = {"count": 2, "epochs": 3, "lr": 0.05, "batch_size": 128, "width": 16, "dsa": "flip_crop"}
 MTT = {"method": "mtt", "ipc": 1, "iterations": 10, "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 1,
@@ -202,6 +202,7 @@ def test_foreign_expert_buffer_is_one_line(run, digits_catalog, tmp_path):
     shutil.copytree(run.run_dir, copy)
     for p in (other.run_dir / "experts").glob("expert_*.safetensors"):
         shutil.copyfile(p, copy / "experts" / p.name)
+    rerecord(copy / "experts")  # as if the unit held that buffer
     r = Runner(run.cfg, run.catalog, copy)
     with pytest.raises(CurateError) as exc:
         r.run("distill/mtt-ipc1", force=True)

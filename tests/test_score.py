@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.errors import CurateError
 from stages.scores.dynamics import auroc
+from tests.conftest import rerecord
 from tests.test_index import rewrite_shard
 
 METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence"]
@@ -100,11 +101,13 @@ def test_nan_embeddings_are_a_clear_error(scored):
     bad = emb.copy()
     bad[7, 3] = np.nan
     np.save(emb_path, bad)
+    rerecord(runner.run_dir / "embed")  # as if embed had produced the NaN
     try:
         with pytest.raises(CurateError, match="embeddings row 7 is NaN or infinite"):
             runner.run("score", force=True)
     finally:
         np.save(emb_path, emb)
+        rerecord(runner.run_dir / "embed")
 
 
 def test_holdout_refuses_a_class_with_one_sample():

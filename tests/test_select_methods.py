@@ -14,7 +14,7 @@ from pipeline.errors import CurateError
 from pipeline.runner import Runner
 from stages.coresets.gradmatch import matching_error
 from stages.coresets.features import last_layer
-from tests.conftest import fast_config
+from tests.conftest import fast_config, rerecord
 from tests.test_index import rewrite_shard
 
 SELECT = [
@@ -188,5 +188,6 @@ def test_nan_embeddings_are_named(make_runner):
     emb = np.load(r.run_dir / "embed" / "embeddings.npy")
     emb[17, 3] = np.nan
     np.save(r.run_dir / "embed" / "embeddings.npy", emb)
+    rerecord(r.run_dir / "embed")  # as if embed had produced the NaN
     with pytest.raises(CurateError, match=r"select craig-0.1: embed/embeddings.npy row 17 is NaN or infinite"):
         r.run("select/craig-0.1")
