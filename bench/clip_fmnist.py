@@ -66,15 +66,13 @@ def clean_rows(run_dir: Path) -> np.ndarray:
 
 def oracle_rows(runner, clean: np.ndarray) -> list[str]:
     """random 30% of the clean pairs and all clean pairs, trained like every verify set."""
-    from pipeline.stage import StageContext
-    from stages.embed import load_index_arrays
-    from stages.verify import VerifyStage, load_test_split
-    from stages.verify_clip import ClipTrainer
+    from stages.verify import load_test_split
+    from stages.verify.clip import ClipTrainer
 
     cfg = runner.cfg
-    ctx = StageContext(run_dir=runner.run_dir, unit="verify", out=runner.run_dir / "verify", cfg=cfg,
-                       catalog=runner.catalog, config=VerifyStage().config(cfg, None), fingerprint="bench", sel=None)
-    _, images, labels = load_index_arrays(ctx, cfg.verify.image_size)
+    ctx = runner.context("verify", out=runner.run_dir / "verify", fp="bench")
+    pool, images = ctx.index_arrays(cfg.verify.image_size)
+    labels = pool.labels
     train = ClipTrainer(ctx, images, labels, load_test_split(ctx, cfg.verify.image_size))
     ok = np.flatnonzero(clean)
     out = []

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.coresets.clipcov import (clipcov, clipscore, clipscore_filter, cross_cov_error,  # noqa: E402
+from stages.kernels.coresets.clipcov import (clipcov, clipscore, clipscore_filter, cross_cov_error,  # noqa: E402
                                      kmeans_groups, sas)
 from bench._timing import timed  # noqa: E402
-from stages.selection import proportional_allocation  # noqa: E402
+from pipeline.sampling import proportional_allocation  # noqa: E402
 
 
 def generated(n: int, d: int, clusters: int, device, seed: int = 0, chunk: int = 1 << 17):

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.coresets.facility import craig  # noqa: E402
-from stages.coresets.features import Plain  # noqa: E402
-from stages.coresets.gradmatch import gradmatch_per_class, matching_error  # noqa: E402
+from stages.kernels.coresets.facility import craig  # noqa: E402
+from stages.kernels.coresets.features import Plain  # noqa: E402
+from stages.kernels.coresets.gradmatch import gradmatch_per_class, matching_error  # noqa: E402
 from bench._timing import timed  # noqa: E402
-from stages.selection import proportional_allocation  # noqa: E402
+from pipeline.sampling import proportional_allocation  # noqa: E402
 
 
 def generated(n: int, d: int, classes: int, device, seed: int = 0):

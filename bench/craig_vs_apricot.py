@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.coresets.facility import craig, similarity  # noqa: E402
-from stages.coresets.features import plain  # noqa: E402
-from stages.selection import proportional_allocation  # noqa: E402
+from stages.kernels.coresets.facility import craig, similarity  # noqa: E402
+from stages.kernels.coresets.features import plain  # noqa: E402
+from pipeline.sampling import proportional_allocation  # noqa: E402
 
 
 def data(n: int, d: int, classes: int = 10, blobs: int = 200, seed: int = 0):

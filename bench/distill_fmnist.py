@@ -72,19 +72,13 @@ def sweep(runner, values: list[int], ipc: int, iterations: int) -> list[str]:
     """Seconds and peak GPU memory of one mtt iteration per syn_steps value (1 warm-up first)."""
     import torch
 
-    from stages.distill.dm import init_from_real
-    from stages.distill.experts import load_buffer
-    from stages.distill.mtt import distill_mtt
-    from stages.distill.stage import _augment, _dataset_tag, _pool
-    from stages.models import build_model
+    from stages.learn.distill.dm import init_from_real
+    from stages.learn.distill.experts import load_buffer
+    from stages.learn.distill.mtt import distill_mtt
+    from stages.distill import _augment, _dataset_tag, _pool
+    from stages.learn.models import build_model
 
-    from pipeline.stage import StageContext
-    from stages.distill.stage import ExpertsStage
-
-    cfg = runner.cfg
-    ctx = StageContext(run_dir=runner.run_dir, unit="experts", out=runner.run_dir / "experts", cfg=cfg,
-                       catalog=runner.catalog, config=ExpertsStage().config(cfg, None),
-                       fingerprint=runner.fingerprint("experts"), sel=None)
+    ctx = runner.context("experts", out=runner.run_dir / "experts")
     e = runner.cfg.distill.experts
     images, labels, n_classes = _pool(ctx, runner.cfg.verify.image_size)
     in_shape = tuple(images.shape[1:])

@@ -60,8 +60,8 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--knn", default="60000x2000")
     a = p.parse_args()
-    from stages.clip_embed import encode_images, load_clip
-    from stages.scores.knn_shapley import knn_shapley
+    from stages.embed.open_clip import encode_images, load_clip
+    from stages.kernels.scores.knn_shapley import knn_shapley
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else os.cpu_count()} "

@@ -28,8 +28,8 @@ from pipeline.ingest import RawSample, read_idx_arrays, write_split  # noqa: E40
 from pipeline.manifest import read_parquet  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 from pipeline.shards import shard_pattern  # noqa: E402
-from stages.scores.dynamics import auroc  # noqa: E402
-from stages.scores.knn_shapley import knn_shapley  # noqa: E402
+from stages.kernels.scores.dynamics import auroc  # noqa: E402
+from stages.kernels.scores.knn_shapley import knn_shapley  # noqa: E402
 
 METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence"]
 

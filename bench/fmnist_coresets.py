@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.manifest import read_parquet  # noqa: E402
-from stages.coresets.features import last_layer  # noqa: E402
-from stages.coresets.gradmatch import matching_error  # noqa: E402
+from stages.kernels.coresets.features import last_layer  # noqa: E402
+from stages.kernels.coresets.gradmatch import matching_error  # noqa: E402
 
 from bench._fmnist import run_bench  # noqa: E402
 

@@ -22,10 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.energy import EnergyMeter  # noqa: E402
 from pipeline.manifest import read_parquet  # noqa: E402
-from pipeline.stage import StageContext  # noqa: E402
-from stages.embed import load_index_arrays, num_classes_of  # noqa: E402
-from stages.selection import random_subset  # noqa: E402
-from stages.verify import TrainingSet, VerifyStage, load_test_split, train_once  # noqa: E402
+from pipeline.arrays import num_classes_of  # noqa: E402
+from pipeline.sampling import random_subset  # noqa: E402
+from stages.verify import TrainingSet, load_test_split, train_once  # noqa: E402
 
 from bench._fmnist import bench_runner  # noqa: E402
 
@@ -44,11 +43,11 @@ def main() -> None:
     for unit in ["index"] + [u for u in ("embed", "score") if any(s.startswith("difficulty") for s in a.sets)] + \
             [f"select/{s}" for s in a.sets if s.startswith("difficulty")]:
         print(f"{unit}: {runner.run(unit)['status']}", flush=True)
-    c = VerifyStage().config(cfg, None)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = StageContext(run_dir=runner.run_dir, unit="verify", out=Path(tmp), cfg=cfg, catalog=runner.catalog,
-                           config=c, fingerprint="bench")
-        _, images, labels = load_index_arrays(ctx, c["image_size"])
+        ctx = runner.context("verify", out=Path(tmp), fp="bench")
+        c = ctx.config
+        pool, images = ctx.index_arrays(c["image_size"])
+        labels = pool.labels
         test = load_test_split(ctx, c["image_size"])
         n_classes = num_classes_of(runner.catalog.entry(cfg.dataset), labels)
         meter = EnergyMeter(ctx.device)

@@ -78,3 +78,13 @@ def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Seque
     if image_size is None and len(shapes) > 1:
         raise CurateError(f"images have {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): set image_size in the config")
     return np.stack([to_chw(d, image_size, channels) for d in decoded])
+
+
+def label_array(table) -> np.ndarray:
+    """A manifest's labels as int64, -1 where missing."""
+    return table.column("label").fill_null(-1).to_numpy().astype(np.int64)
+
+
+def num_classes_of(entry, labels: np.ndarray) -> int:
+    """The catalog entry's num_classes, else one more than the largest label (index checked them dense)."""
+    return entry.num_classes or int(labels.max()) + 1

@@ -65,9 +65,13 @@ def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (def
 
     install_sigterm_handler()
     try:
-        from flows.curate import run_flow
+        from .runner import load_plugin
 
-        report = run_flow(str(config) if config else None, list(set_), catalog, wait=wait)
+        if config is None:
+            from .ingest import ensure_demo_data
+
+            ensure_demo_data(catalog)
+        report = load_plugin("curate.flows")(str(config) if config else None, list(set_), catalog, wait=wait)
     except CurateError as exc:
         _fail(exc)
     except OSError as exc:
@@ -130,7 +134,7 @@ def _os_line(exc: OSError) -> CurateError:
 @app.command()
 def report(run_dir: Path = typer.Option(..., "--run")):
     """Rewrite verify/report.md and the PNG plots from report.json, and print the table."""
-    from stages.report import plot_report, read_report, render_markdown
+    from pipeline.report import plot_report, read_report, render_markdown
 
     verify = run_dir / "verify"
     path = verify / "report.json"

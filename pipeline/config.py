@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import CurateError
 
@@ -47,7 +47,7 @@ class IndexConfig(Section):
 
 
 class ClipConfig(Section):
-    """A small open_clip CLIP trained from scratch (stages.clip): the proxy that embeds image-caption
+    """A small open_clip CLIP trained from scratch (stages.learn.clip): the proxy that embeds image-caption
     pairs (embed.method proxy_clip) and the model verify trains on each set (verify.recipe clip).
     Defaults: the issue's calibration recipe (ViT 4 x 192, patch 4; text 3 x 128, context 16;
     embed 128; AdamW lr 1e-3 one-cycle, 15 epochs, batch 512, bf16 on CUDA)."""
@@ -182,7 +182,7 @@ class DedupSpec(SelectSpec):
     budget: None = None  # keeps whatever is not a near-duplicate
     eps: float = Field(0.05, gt=0, lt=2)  # drop when cosine similarity to a kept sample > 1 - eps
     clusters: int | None = Field(None, ge=1)  # k-means clusters; default N // 1000
-    center: bool = True  # subtract the mean embedding before cosine (see stages.coresets.dedup)
+    center: bool = True  # subtract the mean embedding before cosine (see stages.kernels.coresets.dedup)
     device: DEVICE = "auto"
 
     @field_validator("budget", mode="before")
@@ -202,7 +202,7 @@ GROUPS = Literal["kmeans", "labels"]  # pseudo-classes of image-caption data: k-
 
 class ClipCovSpec(SelectSpec):
     """Per pseudo-class greedy that keeps the subset's image-caption cross-covariance close to
-    the full data's, minus a redundancy penalty (stages.coresets.clipcov)."""
+    the full data's, minus a redundancy penalty (stages.kernels.coresets.clipcov)."""
 
     method: Literal["clipcov"]
     groups: GROUPS = "kmeans"
@@ -282,7 +282,7 @@ ONLINE_METHODS = ("craig", "gradmatch", "crest", "adaselection", "uniform", "big
 
 
 class OnlineSpec(Section):
-    """Selection during training, run inside verify's trainer (stages.online).
+    """Selection during training, run inside verify's trainer (stages.learn.online).
 
     `budget` is the fraction of the training set backpropagated per epoch (a list
     expands like select's). craig / gradmatch are the adaptive variants: full-data warm
@@ -292,7 +292,7 @@ class OnlineSpec(Section):
     method: Literal[ONLINE_METHODS]
     budget: StrictFloat
     name: str | None = None
-    kappa: float = Field(0.5, ge=0, le=1)  # craig / gradmatch: warm start (see stages.online.adaptive)
+    kappa: float = Field(0.5, ge=0, le=1)  # craig / gradmatch: warm start (see stages.learn.online.adaptive)
     every: int = Field(5, ge=1)  # craig / gradmatch: epochs between re-selections
 
     @field_validator("budget")
@@ -371,7 +371,7 @@ DSA_DEFAULT = "color_crop_cutout_flip_scale_rotate"
 
 
 def check_dsa(v: str) -> str:
-    """The kinds of stages.distill.dsa joined by _, or none (not imported here: it needs torch)."""
+    """The kinds of stages.learn.augment joined by _, or none (not imported here: it needs torch)."""
     bad = [k for k in v.lower().split("_") if k and k not in DSA_KINDS + ("none",)]
     if bad:
         raise ValueError(f"unknown DSA kind(s) {bad}; known: {list(DSA_KINDS)} joined by _, or none")
@@ -484,7 +484,6 @@ class RunConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
-    _dataset_splits: dict | None = PrivateAttr(default=None)  # set by the Runner from the catalog
 
     @property
     def needs_validation(self) -> bool:

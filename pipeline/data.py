@@ -7,15 +7,18 @@ workers. Pickle members are refused, never decoded.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ShardError
+from .errors import CurateError, ShardError
 from .manifest import read_parquet
-from .shards import IMAGE_EXTS, MAX_MEMBER_BYTES, decode_image, is_pickle_ext, split_member_name
+from .shards import (IMAGE_EXTS, MAX_MEMBER_BYTES, check_safe, decode_image, decode_label, is_pickle_ext, iter_shard,
+                     split_member_name)
 
 
 def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:
@@ -123,3 +126,44 @@ def weighted_sampler(manifest: str | os.PathLike | ManifestDataset, num_samples:
         raise ValueError(f"manifest {ds.path}: weights must be finite, non-negative and not all zero")
     gen = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(w, num_samples or len(w), replacement=True, generator=gen)
+
+
+def read_distilled(d: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A distill unit's images float32 [N, C, H, W] and labels int64 [N], in manifest order,
+    read from its shards (pickle members refused, .npy loaded with allow_pickle=False)."""
+    d = Path(d)
+    m = read_parquet(d / "manifest.parquet", ["shard", "offset", "label"])
+    want: dict[str, dict[int, int]] = {}
+    for i, (s, o) in enumerate(zip(m.column("shard").to_pylist(), m.column("offset").to_pylist())):
+        want.setdefault(s, {})[int(o)] = i
+    labels = m.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    images: list[np.ndarray | None] = [None] * m.num_rows
+    for shard, rows in want.items():
+        path = str(d / shard)
+        for sample in iter_shard(path):
+            i = rows.get(sample.offset)
+            if i is None:
+                continue
+            check_safe(sample, path)
+            where = f"shard {path}: sample {sample.key!r}"
+            if "npy" not in sample.members or "cls" not in sample.members:
+                raise ShardError(f"{where}: a distilled sample needs .npy and .cls members")
+            try:
+                arr = np.load(io.BytesIO(sample.members["npy"]), allow_pickle=False)
+            except Exception as exc:
+                raise ShardError(f"{where}: .npy does not load ({type(exc).__name__}: {exc})") from None
+            if arr.dtype != np.float32 or arr.ndim != 3:
+                raise ShardError(f"{where}: expected a float32 (H, W, C) array, got {arr.dtype} {arr.shape}")
+            if decode_label(sample.members["cls"], where=where) != labels[i]:
+                raise ShardError(f"{where}: label differs from the manifest's")
+            images[i] = arr.transpose(2, 0, 1)
+        missing = [o for o, i in rows.items() if images[i] is None]
+        if missing:
+            raise ShardError(f"shard {path}: sample at offset {missing[0]} named by the manifest is not in it")
+    if not images:
+        raise CurateError(f"distilled set {d}: the manifest is empty")
+    return np.ascontiguousarray(np.stack(images)), labels
+
+
+def learned_lr(d: Path) -> float | None:
+    return json.loads((Path(d) / "lr.json").read_text())["lr"]

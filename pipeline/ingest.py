@@ -298,7 +298,7 @@ def read_fmnist_pairs(src: str | None, noise: float | None = None, seed: int | N
                           "train images available")
     rows = np.arange(len(labels))
     if train_size is not None and train_size < len(labels):
-        from stages.selection import stratified_subset  # seeded, class proportions kept
+        from pipeline.sampling import stratified_subset  # seeded, class proportions kept
 
         rows = np.sort(stratified_subset(labels.astype(np.int64), train_size, seed))
     sub_labels = labels[rows].astype(np.int64)
@@ -450,3 +450,14 @@ def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = Non
     for note in raw.notes:
         print(note)
     return entry
+
+
+def ensure_demo_data(catalog: str | os.PathLike | None = None) -> None:
+    """The demo runs on scikit-learn's digits: ingest them beside the catalog if its `digits`
+    entry is missing or points nowhere."""
+    cat = Catalog.load(catalog, missing_ok=True)
+    try:
+        cat.shards("digits", "train")
+        cat.shards("digits", "test")
+    except CurateError:
+        ingest("digits", cat.path.parent / "data" / "digits", "digits", catalog=str(cat.path))

@@ -26,13 +26,18 @@ from .shards import write_text_atomic
 
 STAGE_FILE = "_stage.json"
 RUN_FORMAT = "curate-run/1"  # marks a run.json curate wrote: only such a directory is reused
-STAGE_ORDER = ["index", "embed_part", "embed", "score", "select", "materialize", "experts", "distill", "verify"]
 
 
-def _stages():
-    from stages.registry import STAGES  # stages depend on pipeline, not the reverse at import
+def load_plugin(group: str):
+    """The one object registered under an entry-point group (`curate.stages`: the stage registry,
+    `curate.flows`: the flow runner). pipeline imports no stage and no flow: they are handed in."""
+    from importlib.metadata import entry_points
 
-    return STAGES
+    found = list(entry_points(group=group))
+    if len(found) != 1:
+        raise CurateError(f"{len(found)} entry points in group '{group}' (expected 1): reinstall curate "
+                          "(`pip install -e .`)")
+    return found[0].load()
 
 
 def versions() -> dict[str, str]:
@@ -47,12 +52,13 @@ def versions() -> dict[str, str]:
 class Runner:
     """Everything about one run directory: its config, units, states and execution."""
 
-    def __init__(self, cfg: RunConfig, catalog: Catalog, run_dir: str | os.PathLike | None = None):
+    def __init__(self, cfg: RunConfig, catalog: Catalog, run_dir: str | os.PathLike | None = None,
+                 stages: dict | None = None):
         self.cfg = cfg
         self.catalog = catalog
         self.run_dir = Path(run_dir or cfg.run).absolute()
-        if cfg.dataset in catalog.entries:
-            cfg._dataset_splits = dict(catalog.entries[cfg.dataset].splits)
+        self.stages = stages if stages is not None else load_plugin("curate.stages")
+        self.entry = catalog.entries.get(cfg.dataset)
         self._fp: dict[str, str] = {}
         self._ext: dict[tuple[str, str], str] = {}
         self.wait = False  # a unit locked by another process: wait for it instead of failing
@@ -102,18 +108,43 @@ class Runner:
 
     # ------------------------------------------------------------ units
     def units(self, stage: str | None = None) -> list[str]:
-        names = [stage] if stage else STAGE_ORDER
+        """Every unit of the run in pipeline order (the registry's), or those of one stage."""
+        names = [stage] if stage else list(self.stages)
         for n in names:
-            if n not in _stages():
-                raise CurateError(f"no stage named '{n}' (stages: {', '.join(STAGE_ORDER)})")
-        return [u for n in names for u in _stages()[n].units(self.cfg)]
+            if n not in self.stages:
+                raise CurateError(f"no stage named '{n}' (stages: {', '.join(self.stages)})")
+        return [u for n in names for u in self.stages[n].units(self.cfg)]
 
     def _resolve(self, unit: str):
         name, _, sel_name = unit.partition("/")
-        if name not in _stages():
+        if name not in self.stages:
             raise CurateError(f"no stage named '{name}'")
-        stage = _stages()[name]
+        stage = self.stages[name]
         return stage, stage.item(self.cfg, sel_name)
+
+    def upstream(self, unit: str) -> list[str]:
+        """The units `unit` reads, as its stage declares them."""
+        stage, sel = self._resolve(unit)
+        return list(stage.upstream(self.cfg, sel))
+
+    def ancestors(self, unit: str) -> list[str]:
+        """Every unit upstream of `unit`, transitively, in pipeline order."""
+        seen: set[str] = set()
+        todo = self.upstream(unit)
+        while todo:
+            u = todo.pop()
+            if u not in seen:
+                seen.add(u)
+                todo += self.upstream(u)
+        return [u for u in self.units() if u in seen]
+
+    def resources(self, unit: str):
+        stage, sel = self._resolve(unit)
+        return stage.unit_resources(self.cfg, sel)
+
+    def unit_config(self, unit: str) -> dict:
+        stage, sel = self._resolve(unit)
+        return stage.config(self.cfg, sel, self.entry)
 
     def external_fingerprint(self, dataset: str, split: str) -> str:
         if (dataset, split) not in self._ext:
@@ -123,7 +154,7 @@ class Runner:
     def inputs(self, unit: str) -> dict[str, str]:
         stage, sel = self._resolve(unit)
         ins = {u: self.fingerprint(u) for u in stage.upstream(self.cfg, sel)}
-        for ds, split in stage.external_inputs(self.cfg, sel):
+        for ds, split in stage.external_inputs(self.cfg, sel, self.entry):
             ins[f"dataset:{ds}:{split}"] = self.external_fingerprint(ds, split)
         return ins
 
@@ -131,7 +162,7 @@ class Runner:
         """What the unit's fingerprint should be given the config and current inputs."""
         if unit not in self._fp:
             stage, sel = self._resolve(unit)
-            self._fp[unit] = stage_fingerprint(stage.name, stage.version, stage.config(self.cfg, sel), self.inputs(unit))
+            self._fp[unit] = stage_fingerprint(stage.name, stage.version, self.unit_config(unit), self.inputs(unit))
         return self._fp[unit]
 
     def record(self, unit: str) -> dict | None:
@@ -213,15 +244,29 @@ class Runner:
             raise os_error(unit, final, exc) from None
         return {"unit": unit, "fingerprint": fp, "status": "computed", "wall_seconds": round(wall, 3)}
 
-    def _compute(self, unit: str, stage, sel, fp: str, final: Path) -> float:
-        from .stage import StageContext
+    def context(self, unit: str, out: Path, fp: str | None = None):
+        """What a unit is handed when it runs: its config, and the paths and records of the units
+        upstream of it (benchmarks build one to call a stage's pieces directly)."""
+        from .stage import StageContext, Upstream
 
+        stage, sel = self._resolve(unit)
+
+        def view(u: str) -> Upstream:
+            return Upstream(u, self.run_dir / u, self.record(u) or {})
+
+        ancestors = self.ancestors(unit)
+        return StageContext(run_dir=self.run_dir, unit=unit, out=out, cfg=self.cfg, catalog=self.catalog,
+                            config=self.unit_config(unit), fingerprint=fp or self.fingerprint(unit), sel=sel,
+                            upstreams={u: view(u) for u in stage.upstream(self.cfg, sel)},
+                            ancestor_units={u: view(u) for u in ancestors},
+                            graph={u: self.upstream(u) for u in ancestors})
+
+    def _compute(self, unit: str, stage, sel, fp: str, final: Path) -> float:
         _clean_leftovers(final)  # under the lock: only a dead process's leftovers match
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         track_tmp(tmp)
-        ctx = StageContext(run_dir=self.run_dir, unit=unit, out=tmp, cfg=self.cfg, catalog=self.catalog,
-                           config=stage.config(self.cfg, sel), fingerprint=fp, sel=sel)
+        ctx = self.context(unit, tmp, fp)
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         try:
@@ -230,7 +275,8 @@ class Runner:
             device = ctx.config.get("device")
             outputs = describe_outputs(tmp)
             rec = {"stage": stage.name, "unit": unit, "stage_version": stage.version, "fingerprint": fp,
-                   "inputs": self.inputs(unit), "config": ctx.config, "resources": stage.resources,
+                   "inputs": self.inputs(unit), "config": ctx.config,
+                   "resources": stage.unit_resources(self.cfg, sel).dump(),
                    "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
                    "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
                    "host": platform.node(), "pid": os.getpid(), "output_hash": hash_outputs(outputs),

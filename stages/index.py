@@ -24,7 +24,7 @@ from pipeline.arrays import find_image
 from pipeline.manifest import COMMON_SCHEMA, write_parquet
 from pipeline.shards import (MAX_MEMBER_BYTES, bad_sample, check_safe, decode_image, decode_json, decode_label,
                              iter_shard, read_sizes)
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Resources, Stage, StageContext
 from pipeline.errors import CurateError, ShardError
 
 MAX_LISTED = 100
@@ -131,21 +131,21 @@ def check_dense(table: pa.Table, dataset: str) -> None:
 class IndexStage(Stage):
     name = "index"
     version = 3  # 2: samples of a captioned dataset need a non-empty caption; 3: hostile-input limits
-    resources = {"cpu": 1}
+    resources = Resources(cpus=1)
 
-    def config(self, cfg, sel):
+    def config(self, cfg, sel, entry=None):
         c = {"dataset": cfg.dataset, "on_error": cfg.index.on_error,
              "max_member_bytes": cfg.index.max_member_bytes, "max_pixels": cfg.index.max_pixels}
         if cfg.uses_captions:
             c["require_captions"] = True
         if cfg.needs_validation:
-            has_val = "val" in (cfg_entry_splits(cfg) or {})
+            has_val = entry is not None and "val" in entry.splits
             c["validation"] = "catalog val split" if has_val else {"val_fraction": cfg.index.val_fraction, "seed": cfg.seed}
         return c
 
-    def external_inputs(self, cfg, sel):
-        splits = cfg_entry_splits(cfg) or {}
-        return [(cfg.dataset, "train")] + ([(cfg.dataset, "val")] if cfg.needs_validation and "val" in splits else [])
+    def external_inputs(self, cfg, sel, entry=None):
+        has_val = entry is not None and "val" in entry.splits
+        return [(cfg.dataset, "train")] + ([(cfg.dataset, "val")] if cfg.needs_validation and has_val else [])
 
     def run(self, ctx: StageContext) -> None:
         name = ctx.cfg.dataset
@@ -185,18 +185,13 @@ class IndexStage(Stage):
                             "classes": sorted(set(train.column("label").drop_null().to_pylist()))})
 
 
-def cfg_entry_splits(cfg):
-    """The dataset's catalog splits, as the Runner recorded them on the config."""
-    return cfg._dataset_splits
-
-
 def renumber(table: pa.Table) -> pa.Table:
     return table.set_column(0, "row", pa.array(range(table.num_rows), pa.int64()))
 
 
 def holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """Split off a stratified, seeded validation part; both parts keep index order, rows renumbered."""
-    from .selection import budget_count, random_subset, stratified_subset
+    from pipeline.sampling import budget_count, random_subset, stratified_subset
 
     labels = table.column("label").fill_null(-1).to_numpy()
     classes, counts = np.unique(labels[labels >= 0], return_counts=True)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pipeline.errors import ShardError
 from pipeline.manifest import COMMON_SCHEMA, read_parquet, write_parquet
 from pipeline.shards import ShardWriter, check_safe, decode_json, iter_shard
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Resources, Stage, StageContext
 
 
 def with_weight(members: dict[str, bytes], weight: float, where: str) -> dict[str, bytes]:
@@ -41,9 +41,9 @@ class MaterializeStage(Stage):
     name = "materialize"
     version = 2  # 2: only known members (and fields.extra) are copied
     per_selection = True
-    resources = {"cpu": 1}
+    resources = Resources(cpus=1)
 
-    def config(self, cfg, sel):
+    def config(self, cfg, sel, entry=None):
         return cfg.materialize.model_dump()
 
     def upstream(self, cfg, sel):

@@ -16,13 +16,12 @@ import pyarrow as pa
 
 from pipeline.errors import CurateError
 from pipeline.manifest import read_parquet, write_parquet
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Resources, Stage, StageContext
 
-from .scores import dynamics
-from .scores.influence import influence_last_layer
-from .scores.knn_shapley import knn_shapley
-from .scores.prototype import prototype_distance
-from .select import label_array
+from stages.kernels.scores import dynamics
+from stages.kernels.scores.influence import influence_last_layer
+from stages.kernels.scores.knn_shapley import knn_shapley
+from stages.kernels.scores.prototype import prototype_distance
 
 
 def compute_scores(methods: list[str], *, labels: np.ndarray, probs: np.ndarray, hnorm: np.ndarray,
@@ -64,7 +63,7 @@ def compute_scores(methods: list[str], *, labels: np.ndarray, probs: np.ndarray,
 
 def clip_scores(embed_dir, img: np.ndarray) -> np.ndarray:
     """score_clip: image-caption cosine from the embed unit's two towers."""
-    from .coresets.clipcov import clipscore
+    from stages.kernels.coresets.clipcov import clipscore
 
     path = embed_dir / "text_embeddings.npy"
     if not path.exists():
@@ -80,12 +79,12 @@ def clip_scores(embed_dir, img: np.ndarray) -> np.ndarray:
 class ScoreStage(Stage):
     name = "score"
     version = 1
-    resources = {"cpu": 1, "gpu": "optional"}
+    resources = Resources(cpus=1)  # kernels use a GPU when the run has one, and need none
 
     def units(self, cfg):
         return ["score"] if cfg.score.methods else []
 
-    def config(self, cfg, sel):
+    def config(self, cfg, sel, entry=None):
         return {"seed": cfg.seed, **cfg.score.model_dump()}
 
     def upstream(self, cfg, sel):
@@ -93,8 +92,8 @@ class ScoreStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         c = ctx.config
-        index = read_parquet(ctx.input_dir("index") / "index.parquet")
-        labels = label_array(index)
+        pool = ctx.index()
+        index, labels = pool.table, pool.labels
         labelled = [m for m in c["methods"] if m != "clip"]
         if labelled and (labels < 0).any():
             raise CurateError(f"score {', '.join(labelled)}: needs labels; some training samples have none")
@@ -108,7 +107,7 @@ class ScoreStage(Stage):
         val_emb = val_labels = None
         if (embed / "val_embeddings.npy").exists():
             val_emb = np.load(embed / "val_embeddings.npy").astype(np.float32)
-            val_labels = label_array(read_parquet(ctx.input_dir("index") / "val.parquet"))
+            val_labels = ctx.index("val").labels
         dynamic = sorted(set(c["methods"]) & {"el2n", "grand", "forgetting", "loss", "margin", "influence"})
         if dynamic and not (embed / "probs.npy").exists():
             raise CurateError(f"score {', '.join(dynamic)}: needs the proxy's training dynamics (embed.method: proxy)")

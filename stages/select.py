@@ -5,7 +5,7 @@ weights), `rank` (selection order, null when not selected), `method` and `budget
 A spec with `pool: <other selection>` chooses among that selection's rows only (dedup
 first, then any method); its budget still counts against the whole index.
 
-Methods (kernels in stages.selection and stages.coresets):
+Methods (kernels in pipeline.sampling and stages.kernels.coresets):
 - random, stratified;
 - craig: per-class facility location with CRAIG weights;
 - gradmatch: non-negative OMP matching the per-class (or per-batch) gradient;
@@ -33,16 +33,11 @@ import pyarrow.compute as pc
 from pipeline.config import VALUE_SCORES
 from pipeline.errors import CurateError
 from pipeline.manifest import SELECTION_FIELDS, read_parquet, write_parquet
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Resources, Stage, StageContext
 
-from .selection import budget_count, proportional_allocation, random_subset, stratified_subset
+from pipeline.sampling import budget_count, proportional_allocation, random_subset, stratified_subset
 
 log = logging.getLogger("curate.select")
-
-
-def label_array(table: pa.Table) -> np.ndarray:
-    """Labels as int64 with -1 where missing."""
-    return table.column("label").fill_null(-1).to_numpy().astype(np.int64)
 
 
 def selection_table(index: pa.Table, rows: np.ndarray, weights: np.ndarray | None,
@@ -108,7 +103,7 @@ class Pool:
             if (self.labels < 0).any():
                 raise CurateError("groups: labels, but some samples have no label (use groups: kmeans)")
             return self.class_alloc(k)
-        from .coresets.clipcov import kmeans_groups
+        from stages.kernels.coresets.clipcov import kmeans_groups
 
         groups = kmeans_groups(self.embeddings, min(spec.clusters, len(self.rows)), seed=self.ctx.cfg.seed,
                                device=self.ctx.device)
@@ -116,7 +111,7 @@ class Pool:
 
     def features(self, kind: str, device):
         """Feature space for similarity / matching: last-layer gradients, p - y, or embeddings."""
-        from .coresets.features import last_layer, plain
+        from stages.kernels.coresets.features import last_layer, plain
 
         if kind == "embeddings":
             return plain(self.embeddings, device)
@@ -156,7 +151,7 @@ def _stratified(pool, spec, k, seed, device):
 
 
 def _craig(pool, spec, k, seed, device):
-    from .coresets.facility import craig
+    from stages.kernels.coresets.facility import craig
 
     groups, alloc = pool.class_alloc(k)
     pos, w, info = craig(pool.features(spec.features, device), groups, alloc, metric=spec.metric,
@@ -169,7 +164,7 @@ def _craig(pool, spec, k, seed, device):
 
 
 def _gradmatch(pool, spec, k, seed, device):
-    from .coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error
+    from stages.kernels.coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error
 
     feats = pool.features(spec.features, device)  # per class, gradients are built one class at a time
     if spec.per == "batch":
@@ -184,7 +179,7 @@ def _gradmatch(pool, spec, k, seed, device):
 
 
 def _difficulty(pool, spec, k, seed, device):
-    from .coresets.pruning import difficulty_subset
+    from stages.kernels.coresets.pruning import difficulty_subset
 
     labels = pool.labels if spec.class_balanced else None
     pos, kept = difficulty_subset(pool.difficulty(spec.score), labels, k, keep=spec.keep,
@@ -193,13 +188,13 @@ def _difficulty(pool, spec, k, seed, device):
 
 
 def _ccs(pool, spec, k, seed, device):
-    from .coresets.pruning import ccs_subset
+    from stages.kernels.coresets.pruning import ccs_subset
 
     return ccs_subset(pool.difficulty(spec.score), k, beta=spec.beta, bins=spec.bins, seed=seed), None, {}
 
 
 def _dedup(pool, spec, k, seed, device):
-    from .coresets.dedup import removed_per_class, semdedup
+    from stages.kernels.coresets.dedup import removed_per_class, semdedup
 
     keep, _ = semdedup(pool.embeddings, eps=spec.eps, clusters=spec.clusters, seed=seed, device=device,
                        center=spec.center)
@@ -208,7 +203,7 @@ def _dedup(pool, spec, k, seed, device):
 
 
 def _clipcov(pool, spec, k, seed, device):
-    from .coresets.clipcov import clipcov, cross_cov_error
+    from stages.kernels.coresets.clipcov import clipcov, cross_cov_error
 
     groups, alloc = pool.pair_groups(spec, k)
     img, txt = pool.embeddings, pool.text_embeddings
@@ -219,7 +214,7 @@ def _clipcov(pool, spec, k, seed, device):
 
 
 def _clipscore(pool, spec, k, seed, device):
-    from .coresets.clipcov import clipscore, clipscore_filter
+    from stages.kernels.coresets.clipcov import clipscore, clipscore_filter
 
     scores = clipscore(pool.embeddings, pool.text_embeddings)
     pos = clipscore_filter(scores, k=k, threshold=spec.threshold)
@@ -227,7 +222,7 @@ def _clipscore(pool, spec, k, seed, device):
 
 
 def _sas(pool, spec, k, seed, device):
-    from .coresets.clipcov import sas
+    from stages.kernels.coresets.clipcov import sas
 
     groups, alloc = pool.pair_groups(spec, k)
     views = pool.ctx.input_dir("embed") / "image_views.npy"
@@ -248,9 +243,9 @@ class SelectStage(Stage):
     name = "select"
     version = 3
     per_selection = True
-    resources = {"cpu": 1, "gpu": "optional"}
+    resources = Resources(cpus=1)  # kernels use a GPU when the run has one, and need none
 
-    def config(self, cfg, sel):
+    def config(self, cfg, sel, entry=None):
         return {"seed": cfg.seed, **sel.params()}
 
     def upstream(self, cfg, sel):
@@ -271,8 +266,8 @@ class SelectStage(Stage):
 
     def _select(self, ctx: StageContext) -> None:
         spec = ctx.sel
-        index = read_parquet(ctx.input_dir("index") / "index.parquet")
-        labels = label_array(index)
+        pool = ctx.index()
+        index, labels = pool.table, pool.labels
         rows = np.arange(index.num_rows)
         if spec.pool:
             chosen = read_parquet(ctx.input_dir(f"select/{spec.pool}") / "selection.parquet", ["row", "selected"])

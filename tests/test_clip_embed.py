@@ -44,7 +44,7 @@ def run_embed(root, run_dir, pretrained=None, shard_groups=1):
 
 
 def test_embeddings_equal_direct_forward_from_local_checkpoint(pets, tmp_path):
-    from stages.clip_embed import _Preprocessed
+    from stages.embed.open_clip import _Preprocessed
 
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=None)

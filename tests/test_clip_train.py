@@ -10,7 +10,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from pipeline.errors import CurateError  # noqa: E402
-from stages.clip import (ClipArch, ClipRecipe, build_clip, embed_images, embed_texts,  # noqa: E402
+from stages.learn.clip import (ClipArch, ClipRecipe, build_clip, embed_images, embed_texts,  # noqa: E402
                          linear_probe_accuracy, load_clip_checkpoint, save_clip, tokenize, train_clip,
                          zero_shot_accuracy)
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CurateError
-from stages.coresets import clipcov as cc
-from stages.coresets.clipcov import (clipcov, clipscore, clipscore_filter, cross_cov_error, cross_covariance,
+from stages.kernels.coresets import clipcov as cc
+from stages.kernels.coresets.clipcov import (clipcov, clipscore, clipscore_filter, cross_cov_error, cross_covariance,
                                      kmeans_groups, sas)
-from stages.selection import proportional_allocation
+from pipeline.sampling import proportional_allocation
 
 SIZES = (120, 150, 180, 135)
 
@@ -290,7 +290,7 @@ def test_kmeans_groups_recovers_planted_groups(backend, monkeypatch):
     if backend == "faiss":
         pytest.importorskip("faiss")
     else:
-        from stages.scores import prototype
+        from stages.kernels.scores import prototype
         monkeypatch.setattr(prototype, "faiss_kmeans", lambda *a, **k: None)
     img, _, g, _ = pairs(sizes=(100, 80, 120), d=16, spread=0.2, seed=10)
     ids = kmeans_groups(img, 3, seed=0)
@@ -308,9 +308,9 @@ def test_kmeans_groups_recovers_planted_groups(backend, monkeypatch):
 def test_module_imports_no_prefect_or_polars():
     import subprocess
     import sys
-    code = ("import sys, stages.coresets.clipcov; "
+    code = ("import sys, stages.kernels.coresets.clipcov; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'polars'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(cc.__file__).resolve().parents[2]))
+                         cwd=str(__import__("pathlib").Path(cc.__file__).resolve().parents[3]))
     assert out.stdout.strip() == "[]"
     assert '"cuda"' not in open(cc.__file__).read()  # the device is always the caller's

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from pipeline.errors import CurateError
-from stages.coresets.facility import (DenseSimilarity, SparseSimilarity, assignment_weights, craig, lazy_greedy,
+from stages.kernels.coresets.facility import (DenseSimilarity, SparseSimilarity, assignment_weights, craig, lazy_greedy,
                                       similarity, stochastic_greedy)
-from stages.coresets.features import last_layer, plain
-from stages.selection import proportional_allocation
+from stages.kernels.coresets.features import last_layer, plain
+from pipeline.sampling import proportional_allocation
 
 
 def clustered(n=1800, d=16, centres=24, classes=3, seed=0):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import stages.coresets.dedup as dedup
+import stages.kernels.coresets.dedup as dedup
 from pipeline.errors import CurateError
-from stages.coresets.dedup import _dedup_ordered, _greedy_keep, removed_per_class, semdedup
+from stages.kernels.coresets.dedup import _dedup_ordered, _greedy_keep, removed_per_class, semdedup
 
 
 def _planted(seed: int = 0):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from stages.distill import dsa
-from stages.distill.zca import apply_zca, fit_zca, invert_zca, zca_inverse
+from stages.learn import augment as dsa
+from stages.learn.distill.zca import apply_zca, fit_zca, invert_zca, zca_inverse
 
 ALL = dsa.DEFAULT_KINDS
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from tests.conftest import digits_split
-from stages.distill.dm import distill_dm, init_from_real
-from stages.models import build_model
-from stages.training import accuracy, train_classifier
+from stages.learn.distill.dm import distill_dm, init_from_real
+from stages.learn.models import build_model
+from stages.learn.trainer import accuracy, train_classifier
 
 CPU = torch.device("cpu")
 SHAPE = (1, 16, 16)

@@ -23,11 +23,11 @@ import torch
 from torch.func import functional_call
 
 from tests.conftest import digits_split
-from stages.distill import experts as ex
-from stages.distill.experts import flat_params, load_buffer, param_shapes, train_experts, unflatten
-from stages.distill.mtt import distill_mtt
-from stages.models import build_model
-from stages.training import Recipe, accuracy, normalise, train_classifier
+from stages.learn.distill import experts as ex
+from stages.learn.distill.experts import flat_params, load_buffer, param_shapes, train_experts, unflatten
+from stages.learn.distill.mtt import distill_mtt
+from stages.learn.models import build_model
+from stages.learn.trainer import Recipe, accuracy, normalise, train_classifier
 
 CPU = torch.device("cpu")
 NET = dict(arch="convnet3", in_shape=(1, 8, 8), num_classes=10, width=16)
@@ -203,7 +203,7 @@ def test_mtt_hypergradient_matches_finite_differences(split, buffer_dir):
 
 
 def test_mtt_deterministic_with_dsa_minibatches(split, buffer_dir):
-    from stages.distill import dsa
+    from stages.learn import augment as dsa
 
     buf = load_buffer(buffer_dir, **NET)
     _, x0, y = real_init(split)

@@ -19,7 +19,8 @@ from pipeline.data import ManifestDataset
 from pipeline.errors import CurateError
 from pipeline.manifest import parquet_metadata, read_parquet
 from pipeline.runner import Runner
-from stages.distill.stage import CACHE, read_distilled
+from pipeline.data import read_distilled
+from stages.distill import CACHE
 
 from tests.conftest import fast_config, files_under, rerecord
 
@@ -133,7 +134,7 @@ def test_per_class_subset_is_per_class():
 def test_experts_resume_after_a_kill(run, digits_catalog, tmp_path, monkeypatch):
     """A kill after expert 0 keeps it in the cache; the rerun trains expert 1 only, and the
     result is the bytes of an unbroken run."""
-    from stages.distill import experts as ex
+    from stages.learn.distill import experts as ex
 
     real, calls = ex.train_expert, []
 
@@ -213,7 +214,7 @@ def test_foreign_expert_buffer_is_one_line(run, digits_catalog, tmp_path):
 def test_zca_run_distils_in_the_whitened_space_and_maps_back(run, digits_catalog, tmp_path):
     """zca: true trains the experts on whitened images (tagged so, and refused as plain ones)
     and writes the synthetic images back in the normalised pixel space verify trains in."""
-    from stages.distill.experts import load_buffer
+    from stages.learn.distill.experts import load_buffer
 
     r = runner_for(tmp_path / "run", digits_catalog, specs=[{**MTT, "zca": True}])
     for u in ("index", "experts", "distill/mtt-ipc1"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stages.scores.dynamics import auroc, el2n, forgetting, grand_last_layer, last_layer_gradients, loss, margin
+from stages.kernels.scores.dynamics import auroc, el2n, forgetting, grand_last_layer, last_layer_gradients, loss, margin
 
 
 def test_el2n_loss_margin_on_known_probs():
@@ -53,7 +53,8 @@ def test_auroc():
 
 
 def test_kmeans_recovers_planted_centres_and_prototype_distance():
-    from stages.scores.prototype import kmeans, prototype_distance
+    from stages.kernels.cluster import kmeans
+    from stages.kernels.scores.prototype import prototype_distance
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 6)) * 10
@@ -63,7 +64,7 @@ def test_kmeans_recovers_planted_centres_and_prototype_distance():
     assert sorted(d.argmin(1).tolist()) == [0, 1, 2, 3] and d.min(1).max() < 1.0  # centres are ~10 apart; sample means are ~0.3 off
     np.testing.assert_array_equal(got, kmeans(x, 4, seed=0))
     # an outlier far from every centre gets the largest prototype distance
-    from stages.scores.prototype import faiss_kmeans
+    from stages.kernels.cluster import faiss_kmeans
 
     fc = faiss_kmeans(x, 4, seed=0)
     if fc is not None:  # faiss is a test dependency: its centres match the planted ones too

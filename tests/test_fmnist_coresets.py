@@ -8,8 +8,8 @@ from pipeline.config import load_config
 from pipeline.ingest import ingest
 from pipeline.manifest import read_parquet
 from pipeline.runner import Runner
-from stages.coresets.features import last_layer
-from stages.coresets.gradmatch import matching_error
+from stages.kernels.coresets.features import last_layer
+from stages.kernels.coresets.gradmatch import matching_error
 from tests.conftest import FMNIST
 
 

@@ -4,8 +4,8 @@ import scipy.optimize
 import torch
 
 from pipeline.errors import CurateError
-from stages.coresets import gradmatch
-from stages.coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error, omp_nonneg
+from stages.kernels.coresets import gradmatch
+from stages.kernels.coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error, omp_nonneg
 
 
 def ridge_objective(A, b, idx, w, lam):
@@ -236,7 +236,7 @@ def test_identical_gradients_are_handled():
 
 
 def test_factored_gradients_give_the_same_selection_class_by_class():
-    from stages.coresets.features import last_layer
+    from stages.kernels.coresets.features import last_layer
 
     rng = np.random.default_rng(0)
     feats = last_layer(rng.normal(size=(600, 4)), rng.normal(size=(600, 6)))

@@ -16,7 +16,7 @@ import pipeline.ingest
 from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.ingest import ingest
-from stages.report import render_markdown
+from pipeline.report import render_markdown
 from stages.verify import compare_with_full
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from stages.scores.influence import influence_last_layer, last_layer_hessian
+from stages.kernels.scores.influence import influence_last_layer, last_layer_hessian
 
 
 def head_setup(seed=0, n=40, d=3, c=4):

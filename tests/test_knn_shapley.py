@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CurateError
-from stages.scores.knn_shapley import knn_shapley
+from stages.kernels.scores.knn_shapley import knn_shapley
 
 
 def naive_knn_shapley(train_x, train_y, test_x, test_y, k):

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stages.models import build_model
-from stages.online.adaptive import AdaptiveCoreset, reselection_epochs, warm_epochs
-from stages.online.base import ModelView
-from stages.online.crest import (Crest, head_vector, hutchinson_diagonal, linear_head_curvature,
+from stages.learn.models import build_model
+from stages.learn.online.adaptive import AdaptiveCoreset, reselection_epochs, warm_epochs
+from stages.learn.online.base import ModelView
+from stages.learn.online.crest import (Crest, head_vector, hutchinson_diagonal, linear_head_curvature,
                                  quadratic_loss_change)
-from stages.selection import proportional_allocation
-from stages.training import Recipe, accuracy, normalise, train_classifier
+from pipeline.sampling import proportional_allocation
+from stages.learn.trainer import Recipe, accuracy, normalise, train_classifier
 
 CPU = torch.device("cpu")
 N_TRAIN, EPOCHS, BATCH = 1400, 6, 64

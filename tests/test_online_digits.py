@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tests.conftest import digits_split
-from stages.models import build_model
-from stages.online import make_selector
-from stages.training import Recipe, accuracy, train_classifier
+from stages.learn.models import build_model
+from stages.learn.online import make_selector
+from stages.learn.trainer import Recipe, accuracy, train_classifier
 
 SEEDS = 5
 RECIPE = Recipe(epochs=10, batch_size=32, lr=0.1, schedule="step", milestones=(5,), nesterov=False)

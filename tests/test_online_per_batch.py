@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from stages.models import build_model
-from stages.online.base import Probe
-from stages.online.per_batch import (BASELINES, AdaBoostWeights, AdaSelection, PerBatch, coreset_center,
+from stages.learn.models import build_model
+from stages.learn.online.base import Probe
+from stages.learn.online.per_batch import (BASELINES, AdaBoostWeights, AdaSelection, PerBatch, coreset_center,
                                      coreset_cover, grad_norm, keep_count, last_layer_gram, make_per_batch,
                                      top_k)
-from stages.training import Recipe, train_classifier
+from stages.learn.trainer import Recipe, train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def selected_rows(run, name) -> np.ndarray:
 def test_embed_writes_both_towers_and_a_reloadable_clip(run):
     import torch
 
-    from stages.clip import embed_texts, load_clip_checkpoint, tokenize
+    from stages.learn.clip import embed_texts, load_clip_checkpoint, tokenize
 
     d = run.run_dir / "embed"
     img, txt, views = (np.load(d / f) for f in ("embeddings.npy", "text_embeddings.npy", "image_views.npy"))

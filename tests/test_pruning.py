@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CurateError
-from stages.coresets.pruning import ccs_subset, difficulty_subset, keep_hard
-from stages.selection import proportional_allocation
+from stages.kernels.coresets.pruning import ccs_subset, difficulty_subset, keep_hard
+from pipeline.sampling import proportional_allocation
 
 
 def test_hard_and_easy_are_the_top_and_bottom_k_in_order():

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import CurateError
-from stages.scores.dynamics import auroc
+from stages.kernels.scores.dynamics import auroc
 from tests.conftest import rerecord
 from tests.test_index import rewrite_shard
 
@@ -131,7 +131,7 @@ def test_holdout_refuses_a_class_with_one_sample():
 def test_resnet18_proxy_features():
     import torch
 
-    from stages.models import build_model, proxy_arch
+    from stages.learn.models import build_model, proxy_arch
 
     assert proxy_arch("auto", 28) == "small_cnn" and proxy_arch("auto", 32) == "resnet18"
     m = build_model("resnet18", (3, 32, 32), 10)

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import CurateError
-from stages.selection import budget_count, proportional_allocation, stratified_subset
+from pipeline.sampling import budget_count, proportional_allocation, stratified_subset
 from tests.conftest import fast_config
 
 

@@ -12,8 +12,8 @@ from pipeline.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.errors import CurateError
 from pipeline.runner import Runner
-from stages.coresets.gradmatch import matching_error
-from stages.coresets.features import last_layer
+from stages.kernels.coresets.gradmatch import matching_error
+from stages.kernels.coresets.features import last_layer
 from tests.conftest import fast_config, rerecord
 from tests.test_index import rewrite_shard
 

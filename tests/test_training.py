@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from stages.training import train_classifier
+from stages.learn.trainer import train_classifier
 
 
 def fit(images, labels, weights, seed=0):
@@ -34,7 +34,7 @@ def test_integer_weights_train_like_repeated_samples():
 
 def test_crop_flip_moves_pixels_without_inventing_any():
     """Each augmented image is its source shifted by at most 4 px (black comes in) and maybe mirrored."""
-    from stages.training import crop_flip
+    from stages.learn.trainer import crop_flip
 
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6) + 1
     out = crop_flip(x, torch.Generator().manual_seed(3))
@@ -49,8 +49,8 @@ def test_crop_flip_moves_pixels_without_inventing_any():
 
 def test_mlp_recipe_trains_on_float_feature_rows():
     """Embedding inputs: float rows are used as they are (no pixel scaling); planted classes are learnt."""
-    from stages.models import build_model
-    from stages.training import Recipe, accuracy
+    from stages.learn.models import build_model
+    from stages.learn.trainer import Recipe, accuracy
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (4, 32)).astype(np.float32)
@@ -71,7 +71,7 @@ def test_energy_meter_reads_nothing_without_a_gpu():
 
 def test_step_schedule_matches_the_reference_recipe():
     """lr 0.01, x0.1 at epoch 10 of 20 (the reference script); cosine decays to zero."""
-    from stages.training import Recipe
+    from stages.learn.trainer import Recipe
 
     r = Recipe(epochs=20, lr=0.01, schedule="step", milestones=(10,))
     assert r.lr_at(0, 0.0) == r.lr_at(9, 0.99) == 0.01 and r.lr_at(10, 0.0) == pytest.approx(0.001)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import CurateError
-from stages.report import plot_report
+from pipeline.report import plot_report
 
 PROTOCOL = {"recipe": "convnet3", "width": 32, "epochs": 4, "seeds": 2, "batch_size": 32, "lr": 0.1}
 FIELDS = ("acc_mean", "acc_std", "rel_error", "train_seconds", "speedup", "curation_seconds", "e2e_seconds",
@@ -94,18 +94,21 @@ def test_online_name_may_not_shadow_a_selection(tmp_path):
                      "verify": {"online": {"method": "big_loss", "budget": 0.1}}})
 
 
-def test_curation_cost_follows_every_upstream_unit(tmp_path):
+def test_curation_cost_follows_every_upstream_unit(tmp_path, digits_catalog):
     """A score-based selection pays for the proxy too; a pooled one for its pool's selection."""
-    from stages.verify import curation_units
+    from pipeline.catalog import Catalog
+    from pipeline.runner import Runner
+    from stages.verify import curation_cost
 
     cfg = load_config({"run": str(tmp_path), "dataset": "digits", "score": {"methods": ["el2n"]},
                        "select": [{"method": "difficulty", "score": "el2n", "budget": 0.1},
                                   {"method": "dedup", "eps": 0.01},
                                   {"method": "craig", "budget": 0.1, "pool": "dedup-eps0.01"},
                                   {"method": "random", "budget": 0.1}]})
-    assert curation_units(cfg, cfg.select[0]) == ["embed", "score", "select/difficulty-0.1"]
-    assert curation_units(cfg, cfg.select[2]) == ["embed", "select/craig-0.1", "select/dedup-eps0.01"]
-    assert curation_units(cfg, cfg.select[3]) == ["select/random-0.1"]
+    ctx = Runner(cfg, Catalog.load(digits_catalog)).context("verify", tmp_path / "out")
+    assert sorted(curation_cost(ctx, "select/difficulty-0.1")) == ["embed", "score", "select/difficulty-0.1"]
+    assert sorted(curation_cost(ctx, "select/craig-0.1")) == ["embed", "select/craig-0.1", "select/dedup-eps0.01"]
+    assert sorted(curation_cost(ctx, "select/random-0.1")) == ["select/random-0.1"]
 
 
 def test_convnet3_on_tiny_images_is_a_one_line_error():

@@ -1,0 +1,1 @@
+"""Array kernels: plain functions of numpy/torch arrays (coresets, scores, clustering, subsets)."""

@@ -1,0 +1,1 @@
+"""What trains: models, the trainer, augmentation, online selectors, the CLIP, distillation."""
