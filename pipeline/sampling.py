@@ -5,24 +5,40 @@ Each returns the selected rows in selection order (rank 0 first).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from pipeline.errors import CurateError
 
 
+def budget_problem(budget, *, counts: bool = True, what: str = "budget") -> str | None:
+    """The one range rule for budgets: a fraction in (0, 1] or, where `counts`, a count >= 1
+    (an int is a count; without `counts` every number is a fraction). None when `budget`
+    obeys it, else why not, in one line that callers raise as their own error."""
+    kinds = "a fraction in (0, 1] or a positive count" if counts else "a fraction in (0, 1]"
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        return f"{what} {budget!r} must be {kinds}"
+    if counts and isinstance(budget, numbers.Integral):
+        return None if budget >= 1 else f"{what} {budget} selects nothing: a count must be >= 1"
+    if not 0.0 < budget <= 1.0:
+        note = " (an integer is a count)" if counts else ""
+        return f"{what} {budget} is out of range: a fraction must be in (0, 1]{note}"
+    return None
+
+
 def budget_count(budget: int | float, n: int) -> int:
     """A fraction in (0, 1] or a count in [1, n] -> number of samples to select."""
-    if isinstance(budget, bool) or n <= 0:
+    problem = budget_problem(budget)
+    if problem:
+        raise CurateError(problem)
+    if n <= 0:
         raise CurateError(f"budget {budget!r}: nothing to select from ({n} samples)")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise CurateError(f"budget {budget} is out of range: a fraction must be in (0, 1]")
-        return max(1, int(round(budget * n)))
-    if budget < 1:
-        raise CurateError(f"budget {budget} selects nothing: a count must be >= 1")
-    if budget > n:
-        raise CurateError(f"budget {budget} is larger than the dataset ({n} samples)")
-    return int(budget)
+    if isinstance(budget, numbers.Integral):
+        if budget > n:
+            raise CurateError(f"budget {budget} is larger than the dataset ({n} samples)")
+        return int(budget)
+    return max(1, int(round(budget * n)))
 
 
 def random_subset(n: int, k: int, seed: int) -> np.ndarray:

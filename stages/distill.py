@@ -206,13 +206,13 @@ class DistillStage(Stage):
     def config(self, cfg, sel, entry=None):
         c = {"seed": cfg.seed, **sel.model_dump(exclude={"name"}), "name": sel.sel_name,
              "image_size": cfg.verify.image_size, "shard_size": cfg.materialize.shard_size}
-        if sel.method == "mtt":  # the student must be the experts' network
+        if "experts" in sel.needs:  # mtt: the student must be the experts' network
             e = cfg.distill.experts
             c["experts"] = {"arch": e.arch, "width": e.width}
         return c
 
     def upstream(self, cfg, sel):
-        return ["index"] + (["experts"] if sel.method == "mtt" else [])
+        return ["index"] + (["experts"] if "experts" in sel.needs else [])
 
     def run(self, ctx: StageContext) -> None:
         try:

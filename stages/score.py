@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline.errors import CurateError
 from pipeline.manifest import read_parquet, write_parquet
+from pipeline.methods import scores_needing
 from pipeline.stage import Resources, Stage, StageContext
 
 from stages.kernels.scores import dynamics
@@ -94,7 +95,7 @@ class ScoreStage(Stage):
         c = ctx.config
         pool = ctx.index()
         index, labels = pool.table, pool.labels
-        labelled = [m for m in c["methods"] if m != "clip"]
+        labelled = scores_needing("labels", c["methods"])
         if labelled and (labels < 0).any():
             raise CurateError(f"score {', '.join(labelled)}: needs labels; some training samples have none")
         counts = np.bincount(labels[labels >= 0], minlength=1)
@@ -108,7 +109,7 @@ class ScoreStage(Stage):
         if (embed / "val_embeddings.npy").exists():
             val_emb = np.load(embed / "val_embeddings.npy").astype(np.float32)
             val_labels = ctx.index("val").labels
-        dynamic = sorted(set(c["methods"]) & {"el2n", "grand", "forgetting", "loss", "margin", "influence"})
+        dynamic = sorted(scores_needing("dynamics", c["methods"]))
         if dynamic and not (embed / "probs.npy").exists():
             raise CurateError(f"score {', '.join(dynamic)}: needs the proxy's training dynamics (embed.method: proxy)")
         probs = np.load(embed / "probs.npy") if dynamic else np.zeros((1, 1, len(labels), 1), np.float16)

@@ -30,12 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import VALUE_SCORES
+from pipeline.config import SELECT_METHODS
 from pipeline.errors import CurateError
 from pipeline.manifest import SELECTION_FIELDS, read_parquet, write_parquet
-from pipeline.stage import Resources, Stage, StageContext
-
+from pipeline.methods import VALUE_SCORES, providers
 from pipeline.sampling import budget_count, proportional_allocation, random_subset, stratified_subset
+from pipeline.stage import Resources, Stage, StageContext
 
 log = logging.getLogger("curate.select")
 
@@ -140,8 +140,9 @@ class Pool:
         return groups, proportional_allocation(np.bincount(groups), k)
 
 
-# Each method: (pool, spec, k, seed, device) -> (positions in the pool in selection order,
-# weights or None, metrics). k is None for dedup, which has no budget.
+# Each method `m` of the config (pipeline.config.select) is the function `_m` here:
+# (pool, spec, k, seed, device) -> (positions in the pool in selection order, weights or None,
+# metrics). k is None for dedup, which has no budget.
 def _random(pool, spec, k, seed, device):
     return random_subset(len(pool.rows), k, seed), None, {}
 
@@ -232,11 +233,7 @@ def _sas(pool, spec, k, seed, device):
     return pos, w, info
 
 
-METHODS = {"random": _random, "stratified": _stratified, "craig": _craig, "gradmatch": _gradmatch,
-           "difficulty": _difficulty, "ccs": _ccs, "dedup": _dedup, "clipcov": _clipcov, "clipscore": _clipscore,
-           "sas": _sas}
-NEEDS_EMBED = {"craig", "gradmatch", "dedup", "clipcov", "clipscore", "sas"}
-NEEDS_SCORE = {"difficulty", "ccs"}
+METHODS = {m: globals()[f"_{m}"] for m in SELECT_METHODS}  # a method without its function fails here
 
 
 class SelectStage(Stage):
@@ -249,11 +246,8 @@ class SelectStage(Stage):
         return {"seed": cfg.seed, **sel.params()}
 
     def upstream(self, cfg, sel):
-        ups = ["index"]
-        if sel.method in NEEDS_EMBED:
-            ups.append("embed")
-        if sel.method in NEEDS_SCORE:
-            ups.append("score")
+        units = providers(sel.needs)
+        ups = ["index"] + [u for u in ("embed", "score") if u in units]
         if sel.pool:
             ups.append(f"select/{sel.pool}")
         return ups

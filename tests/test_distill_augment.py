@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.learn import augment as dsa
-from stages.learn.distill.zca import apply_zca, fit_zca, invert_zca, zca_inverse
+from stages.learn.distill.zca import apply_zca, fit_zca, invert_zca
 
 ALL = dsa.DEFAULT_KINDS
 
@@ -148,9 +148,6 @@ def test_zca_inverts():
     mean, w, w_inv = fit_zca(x, eps=0.1, return_inverse=True)
     assert mean.dtype == w.dtype == w_inv.dtype == torch.float32
     assert torch.allclose(invert_zca(apply_zca(x, mean, w), mean, w_inv), x, atol=1e-4)
-    assert torch.allclose(zca_inverse(w), w_inv, atol=1e-4)
-    rel = fit_zca(x, eps=0.1, relative=True)[1]            # eps as a fraction of the mean eigenvalue
-    assert not torch.allclose(rel, w)
     u8 = ((x.clamp(-1, 1) + 1) * 127).to(torch.uint8)       # uint8 inputs: float32 results
     m8, w8 = fit_zca(u8)
     assert w8.dtype == torch.float32 and apply_zca(u8, m8, w8).dtype == torch.float32

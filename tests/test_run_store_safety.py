@@ -334,3 +334,29 @@ def test_a_cached_run_needs_no_write(make_runner, digits_catalog, tmp_path):
 
 ACTIVE: list = []
 sys.addaudithook(lambda event, args: [h(event, args) for h in ACTIVE])
+
+
+def test_a_run_from_an_older_curate_is_stale_not_a_traceback(make_runner, digits_catalog, tmp_path):
+    """A run directory written before this version (no format marker in run.json, records without
+    output lists, resources as a plain dict, an older index version): status answers, every unit
+    built on the old index is stale, and rerunning recomputes it."""
+    r = make_runner(tmp_path / "run")
+    for u in ("index", "select/random-0.1", "materialize/random-0.1"):
+        r.run(u)
+    run_json = json.loads((r.run_dir / "run.json").read_text())
+    run_json.pop("format")
+    (r.run_dir / "run.json").write_text(json.dumps(run_json))
+    for unit in ("index", "select/random-0.1", "materialize/random-0.1"):
+        path = r.run_dir / unit / "_stage.json"
+        rec = json.loads(path.read_text())
+        rec.pop("outputs")
+        rec["resources"] = {"cpu": 1}
+        if unit == "index":
+            rec["stage_version"], rec["fingerprint"] = 2, "0" * 64
+        path.write_text(json.dumps(rec))
+    res = curate("status", "--run", str(r.run_dir), "--catalog", str(digits_catalog))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    states = {ln.split()[0]: ln.split()[1] for ln in res.stdout.splitlines()}
+    assert states["index"] == states["select/random-0.1"] == states["materialize/random-0.1"] == "stale"
+    res = curate("stage", "index", "--run", str(r.run_dir), "--catalog", str(digits_catalog))
+    assert res.returncode == 0 and "index: computed" in res.stdout, res.stderr

@@ -34,7 +34,10 @@ def test_integer_weights_train_like_repeated_samples():
 
 def test_crop_flip_moves_pixels_without_inventing_any():
     """Each augmented image is its source shifted by at most 4 px (black comes in) and maybe mirrored."""
-    from stages.learn.trainer import crop_flip
+    from stages.learn.trainer import augment_batch
+
+    def crop_flip(x, gen):
+        return augment_batch(x, "crop_flip", gen)
 
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6) + 1
     out = crop_flip(x, torch.Generator().manual_seed(3))

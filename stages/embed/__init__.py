@@ -8,8 +8,8 @@ Also written, for the scores and the gradient-based selections:
 - `probs.npy` [S, E, N, C] float16 softmax per seed and epoch, and `hnorm.npy`
   [S, E, N] penultimate-feature norms (training dynamics);
 - `grads.npy`: [N, C] float32 last-layer bias gradients p - onehot(y) of seed 0's final
-  model; the full last-layer gradient is their outer product with the embeddings
-  (`stages.kernels.scores.dynamics.last_layer_gradients`).
+  model (`stages.kernels.gradients.bias_gradients`); the full last-layer gradient is their
+  outer product with the embeddings.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pipeline.fingerprint import hash_file
 from pipeline.manifest import read_parquet
 from pipeline.stage import Resources, Stage, StageContext
 
+from stages.kernels.gradients import bias_gradients
 from stages.learn.models import proxy_arch
 from stages.embed.proxy import train_proxy
 
@@ -80,9 +81,7 @@ class EmbedStage(Stage):
         np.save(ctx.out / "probs.npy", out["probs"])  # .npy, not .npz: zip headers hold timestamps
         np.save(ctx.out / "hnorm.npy", out["hnorm"])
         final = out["probs"][0, -1].astype(np.float32)
-        grads = final.copy()
-        grads[np.arange(len(labels)), labels] -= 1.0
-        np.save(ctx.out / "grads.npy", grads)
+        np.save(ctx.out / "grads.npy", bias_gradients(final, labels))
         meta = {"method": "proxy", "model": arch, "shape": list(feats.shape), "dtype": "float32",
                 "layer": "penultimate", "epochs": c["epochs"], "seeds": c["seeds"], "seed": c["seed"],
                 "val_embeddings": has_val}

@@ -21,6 +21,9 @@ crop/scale/rotate, then cutout):
     rotate  U(-15, 15) degrees
     cutout  a square of half the side (a quarter of the area) set to 0, centre uniform
 
+The classifier and CLIP trainers' crop lives here too (`crop_flip`: a per-sample shift within
+a black border and a horizontal flip, by indexing), with its draws (`draw_crop_flip`).
+
 Images are normalised floats [B, C, H, W] ([-1, 1] here, so 0 is mid-grey). Parameters are
 drawn on `gen`'s device (CPU by default) and then moved, so they are the same for a seed on
 any device. grid_sample's backward on CUDA accumulates with atomics: gradients there are
@@ -35,8 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-DEFAULT_KINDS = "color_crop_cutout_flip_scale_rotate"
-KINDS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+from pipeline.methods import DSA_DEFAULT as DEFAULT_KINDS
+from pipeline.methods import DSA_KINDS as KINDS
 
 BRIGHTNESS = 1.0      # offset ~ U(-BRIGHTNESS / 2, BRIGHTNESS / 2)
 SATURATION = 2.0      # factor ~ U(0, SATURATION)
@@ -195,3 +198,36 @@ def augment(x: torch.Tensor, kinds: str | Sequence[str] = DEFAULT_KINDS, gen: to
     if not parse_kinds(kinds):
         return x
     return apply(x, sample_params(len(x), kinds, gen, x.device, per_sample=per_sample))
+
+
+# ---------------------------------------------------------------- the training crop
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last where x is laid out so (and has more than one channel), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def draw_crop_flip(n: int, pad: int, gen: torch.Generator, *, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (shifts [n, 2] in [0, 2 pad], flips [n] bool, p = 0.5) for `crop_flip`, from `gen`
+    (CPU). flip=False: no flips, but drawn all the same, so `gen` advances alike."""
+    shifts, flips = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen), torch.rand(n, generator=gen) < 0.5
+    return shifts, flips if flip else torch.zeros_like(flips)
+
+
+def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int, fill: float = -1.0) -> torch.Tensor:
+    """Per-sample shifted crop and horizontal flip of a normalised batch [B, C, H, W]: the image
+    padded by `pad` with `fill` (-1: black in [-1, 1]), cut at `shifts` (dy, dx), mirrored where
+    `flips`. Exact (by indexing; no pixel is invented) and keeps x's memory format. The draws
+    (`draw_crop_flip`) are the caller's, so views can be drawn for all rows at once."""
+    b, _, h, w = x.shape
+    shifts, flips = shifts.to(x.device), flips.to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
+    iy = shifts[:, 0, None] + torch.arange(h, device=x.device)
+    ix = shifts[:, 1, None] + torch.arange(w, device=x.device)
+    ix = torch.where(flips[:, None], ix.flip(1), ix)
+    bidx = torch.arange(b, device=x.device)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bidx, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2)
+    return out.contiguous(memory_format=memory_format_of(x))

@@ -6,7 +6,21 @@ import torch
 from torch import nn
 
 
-class SmallCNN(nn.Module):
+class BodyHead(nn.Module):
+    """A network as `body` (inputs -> penultimate features) and a linear `head` (features ->
+    logits): `features(x)` is what the proxy embeds and the gradient features are built on."""
+
+    body: nn.Module
+    head: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class SmallCNN(BodyHead):
     """Two conv blocks (conv-BN-ReLU-pool), global average pool, a hidden layer, a head.
 
     `features(x)` is the penultimate (hidden) activation: the proxy embedding.
@@ -26,14 +40,8 @@ class SmallCNN(nn.Module):
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-class ResNet18(nn.Module):
+class ResNet18(BodyHead):
     """torchvision's ResNet-18 in the CIFAR variant (3x3 stem, no max-pool) for 32 px and up.
 
     `features(x)` is the 512-d globally pooled activation.
@@ -50,14 +58,8 @@ class ResNet18(nn.Module):
         net.fc = nn.Identity()
         self.body = net
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-class ConvNet3(nn.Module):
+class ConvNet3(BodyHead):
     """The dataset-distillation ConvNet: 3 x (conv 3x3, instance norm, ReLU, avg-pool 2), linear head.
 
     Instance norm (GroupNorm with one group per channel) has no batch statistics, so a
@@ -76,14 +78,8 @@ class ConvNet3(nn.Module):
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(width * h * w, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-class MLP(nn.Module):
+class MLP(BodyHead):
     """Two hidden ReLU layers on flattened inputs: for embedding vectors (or tiny images)."""
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 256):
@@ -92,12 +88,6 @@ class MLP(nn.Module):
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(d, width), nn.ReLU(inplace=True),
                                   nn.Linear(width, width), nn.ReLU(inplace=True))
         self.head = nn.Linear(width, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
 
 
 RECIPES = {"small_cnn": SmallCNN, "resnet18": ResNet18, "convnet3": ConvNet3, "mlp": MLP}

@@ -13,12 +13,15 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stages.learn.augment import augment as dsa
+from stages.learn.augment import crop_flip, draw_crop_flip, memory_format_of
 from stages.learn.online.base import ModelView, Selector, Static
 
 
@@ -58,34 +61,74 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4, fill: float = -1.0) -> torch.Tensor:
-    """Random shifted crop and horizontal flip, per sample, of a normalised image batch; the
-    border comes in as `fill` (-1: black in [-1, 1]). Keeps x's memory format."""
-    b, _, h, w = x.shape
-    shifts = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen).to(x.device)
-    flips = (torch.rand(b, generator=gen) < 0.5).to(x.device)
-    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
-    iy = shifts[:, 0, None] + torch.arange(h, device=x.device)
-    ix = shifts[:, 1, None] + torch.arange(w, device=x.device)
-    ix = torch.where(flips[:, None], ix.flip(1), ix)
-    bidx = torch.arange(b, device=x.device)[:, None, None]
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else torch.contiguous_format
-    return xp.permute(0, 2, 3, 1)[bidx, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+CROP_PAD = 4  # the `crop_flip` recipe's shift, pixels each way
 
 
-def dsa_augment(x: torch.Tensor, kinds: str, gen: torch.Generator) -> torch.Tensor:
-    """DSA transforms of one normalised batch, drawn from the trainer's generator."""
-    from stages.learn.augment import augment
-
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else torch.contiguous_format
-    with torch.no_grad():
-        return augment(x, kinds, gen).contiguous(memory_format=fmt)
+def augment_batch(x: torch.Tensor, augment: str, gen: torch.Generator) -> torch.Tensor:
+    """The recipe's augmentation of one normalised image batch, drawn from the trainer's
+    generator: `crop_flip` or `dsa:<kinds>` (`none`: x as it is). Keeps x's memory format."""
+    if augment == "crop_flip":
+        return crop_flip(x, *draw_crop_flip(len(x), CROP_PAD, gen), pad=CROP_PAD)
+    if augment.startswith("dsa:"):
+        with torch.no_grad():
+            return dsa(x, augment[4:], gen).contiguous(memory_format=memory_format_of(x))
+    return x
 
 
 def autocast_for(device: torch.device, bf16: bool):
     if device.type == "cuda" and bf16:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+class TrainingLoop:
+    """The bookkeeping both trainers (this module's and stages.learn.clip.train's) keep around
+    their epochs. Iterating yields the epoch numbers; after each epoch it calls
+    `on_epoch_end(epoch)`, then `progress(1)`. The wall clock starts before the first epoch
+    and stops after the last, CUDA synchronised at both ends (queued kernels are billed):
+    `seconds`. `step` takes one optimiser step and counts it (`steps`, `samples`, `last` loss)."""
+
+    def __init__(self, epochs: int, device: torch.device, *, progress=None, on_epoch_end=None):
+        self.epochs, self.device = epochs, device
+        self.progress, self.on_epoch_end = progress, on_epoch_end
+        self.steps, self.samples = 0, 0
+        self.last: torch.Tensor | float = float("nan")
+        self.seconds = float("nan")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __iter__(self) -> Iterator[int]:
+        self._sync()
+        start = time.perf_counter()
+        for epoch in range(self.epochs):
+            yield epoch
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch)
+            if self.progress:
+                self.progress(1)
+        self._sync()
+        self.seconds = time.perf_counter() - start
+
+    @staticmethod
+    def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, samples: int) -> torch.Tensor:
+        """Backpropagate `loss` over `samples` samples and step `opt`; returns the loss, detached."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.steps += 1
+        self.samples += samples
+        self.last = loss.detach()
+        return self.last
+
+    def result(self) -> dict:
+        """What both trainers return: seconds, final_loss (the last step's), steps, epochs."""
+        return {"seconds": self.seconds, "final_loss": float(self.last), "steps": self.steps, "epochs": self.epochs}
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
@@ -124,22 +167,16 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     selector.setup(view)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    last, steps, seen = float("nan"), 0, 0
-    for epoch in range(recipe.epochs):
+    loop = TrainingLoop(recipe.epochs, device, progress=progress, on_epoch_end=on_epoch_end)
+    for epoch in loop:
         model.train()
         batches = list_or_stream(selector, epoch, view)
         total = len(batches) if isinstance(batches, list) else selector.steps_per_epoch(view)
         for b, batch in enumerate(batches):
-            for g in opt.param_groups:
-                g["lr"] = recipe.lr_at(epoch, min(b / total, 1.0) if total else 0.0)
+            loop.set_lr(opt, recipe.lr_at(epoch, min(b / total, 1.0) if total else 0.0))
             xb, yb = view.inputs(batch.rows)
-            if recipe.augment == "crop_flip" and xb.ndim == 4:
-                xb = crop_flip(xb, aug_gen)
-            elif recipe.augment.startswith("dsa:") and xb.ndim == 4:
-                xb = dsa_augment(xb, recipe.augment[4:], aug_gen)
+            if xb.ndim == 4:
+                xb = augment_batch(xb, recipe.augment, aug_gen)
             with autocast():
                 out = model(xb)
             per = F.cross_entropy(out.float(), yb, reduction="none")
@@ -148,20 +185,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
             else:
                 wb = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
                 loss = (per * wb).sum() / wb.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            seen += len(batch.rows)
-            last = loss.detach()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-        if progress:
-            progress(1)
-    if cuda:
-        torch.cuda.synchronize(device)
-    return {"seconds": time.perf_counter() - start, "final_loss": float(last), "steps": steps, "epochs": recipe.epochs,
-            "backprop_samples": seen, "probe_samples": view.forwards, **selector.stats()}
+            loop.step(opt, loss, len(batch.rows))
+    return {**loop.result(), "backprop_samples": loop.samples, "probe_samples": view.forwards, **selector.stats()}
 
 
 def list_or_stream(selector: Selector, epoch: int, view: ModelView):
@@ -172,13 +197,11 @@ def list_or_stream(selector: Selector, epoch: int, view: ModelView):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, *, device: torch.device, batch_size: int = 1024,
-            features: bool = False) -> np.ndarray:
-    """Logits (or penultimate features) for every image, float32 [N, D]."""
+def predict(model: nn.Module, images: np.ndarray, *, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    """Logits for every image, float32 [N, C]."""
     model.to(device).eval()
     x = torch.from_numpy(np.ascontiguousarray(images))
-    fn = model.features if features else model
-    out = [fn(normalise(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
+    out = [model(normalise(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

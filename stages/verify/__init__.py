@@ -23,6 +23,7 @@ from pipeline.data import learned_lr, read_distilled
 from pipeline.energy import EnergyMeter
 from pipeline.errors import CurateError, ShardError
 from pipeline.manifest import read_parquet
+from pipeline.methods import ONLINE
 from pipeline.shards import check_safe, decode_label, iter_shard
 from pipeline.stage import Resources, Stage, StageContext
 
@@ -155,7 +156,7 @@ def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, 
     selector = None
     if ts.kind == "online":
         o = ts.online
-        opts = {"kappa": o["kappa"], "every": o["every"]} if o["method"] in ("craig", "gradmatch") else {}
+        opts = {k: o[k] for k in ONLINE[o["method"]].options}
         try:
             selector = make_selector(o["method"], o["budget"], **opts)
         except ValueError as exc:
@@ -276,9 +277,7 @@ class VerifyStage(Stage):
         # the CLIP settings only for recipe clip: changing them must not retrain a classifier run
         skip = set() if cfg.verify.recipe == "clip" else {"clip", "prompts"}
         c = {"seed": cfg.seed, **cfg.verify.model_dump(exclude=skip)}
-        c["online"] = [{**o.model_dump(), "sel_name": o.sel_name,
-                        "label": ("adaptive-" if o.method in ("craig", "gradmatch") else "") + o.method}
-                       for o in cfg.verify.online]
+        c["online"] = [{**o.model_dump(), "sel_name": o.sel_name, "label": o.label} for o in cfg.verify.online]
         return c
 
     def upstream(self, cfg, sel):

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _onehot(labels: np.ndarray, c: int) -> np.ndarray:
-    out = np.zeros((len(labels), c), np.float32)
-    out[np.arange(len(labels)), labels] = 1.0
-    return out
+from stages.kernels.gradients import bias_gradients
 
 
 def el2n(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Paul et al. 2021: ||softmax - onehot||_2 at one epoch; probs [N, C] (or [S, N, C], averaged over S seeds)."""
     p = probs if probs.ndim == 3 else probs[None]
-    return np.linalg.norm(p - _onehot(labels, p.shape[-1])[None], axis=-1).mean(0)
+    return np.linalg.norm(bias_gradients(p, labels), axis=-1).mean(0)
 
 
 def loss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -55,21 +51,8 @@ def grand_last_layer(probs: np.ndarray, labels: np.ndarray, feats: np.ndarray) -
     """
     p = probs if probs.ndim == 3 else probs[None]
     h = feats if feats.ndim == 3 else feats[None]
-    g = np.linalg.norm(p - _onehot(labels, p.shape[-1])[None], axis=-1)
+    g = np.linalg.norm(bias_gradients(p, labels), axis=-1)
     return (g * np.sqrt((h.astype(np.float64) ** 2).sum(-1) + 1.0)).mean(0)
-
-
-def last_layer_gradients(probs: np.ndarray, labels: np.ndarray, feats: np.ndarray | None = None) -> np.ndarray:
-    """Per-sample last-layer gradient features (CRAIG, GRAD-MATCH).
-
-    Without feats: the bias gradient p - y, [N, C]. With feats: the flattened outer
-    product (p - y) h^T next to p - y, [N, C * (D + 1)].
-    """
-    g = (probs - _onehot(labels, probs.shape[-1])).astype(np.float32)
-    if feats is None:
-        return g
-    outer = (g[:, :, None] * feats[:, None, :].astype(np.float32)).reshape(len(g), -1)
-    return np.concatenate([outer, g], axis=1)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:

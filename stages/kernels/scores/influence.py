@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from stages.kernels.gradients import bias_gradients_torch
+
 
 def _aug(h: np.ndarray) -> torch.Tensor:
     h = torch.as_tensor(h, dtype=torch.float64)
@@ -50,11 +52,9 @@ def influence_last_layer(probs: np.ndarray, labels: np.ndarray, feats: np.ndarra
         raise CurateError(f"score influence: the last-layer Hessian is {dim} x {dim} ({3 * dim * dim * 8 / 2**30:.1f} GiB "
                           f"to build and solve); too large for {c} classes x {feats.shape[1]}-d features")
     hv = _aug(val_feats)
-    rv = torch.tensor(np.asarray(val_probs), dtype=torch.float64)  # a copy: modified below
-    rv[torch.arange(len(rv)), torch.as_tensor(val_labels)] -= 1.0
+    rv = bias_gradients_torch(torch.as_tensor(val_probs, dtype=torch.float64), val_labels)
     g_val = (rv.T @ hv / len(rv)).reshape(-1)  # mean validation gradient, [C * (D+1)]
     hess = last_layer_hessian(probs, feats)
     v = torch.linalg.solve(hess + damping * torch.eye(len(hess), dtype=torch.float64), g_val).reshape(c, -1)
-    r = torch.as_tensor(probs, dtype=torch.float64).clone()
-    r[torch.arange(len(r)), torch.as_tensor(labels)] -= 1.0
+    r = bias_gradients_torch(torch.as_tensor(probs, dtype=torch.float64), labels)
     return ((r @ v) * _aug(feats)).sum(1).numpy()

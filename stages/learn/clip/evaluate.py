@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from stages.learn.trainer import autocast_for
-from stages.learn.clip.model import draw_shift_flip, prepare_images, shift_flip, tokenize
+from stages.learn.augment import crop_flip, draw_crop_flip
+from stages.learn.trainer import autocast_for, normalise
+from stages.learn.clip.model import prepare_images, tokenize
 
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
@@ -32,9 +33,7 @@ def embed_images(model, images: np.ndarray, *, device: torch.device, batch_size:
     x = torch.from_numpy(np.ascontiguousarray(images))
     autocast = autocast_for(device, bf16)  # bf16: CUDA only, as in training
     gen = torch.Generator().manual_seed(seed)
-    draws = [draw_shift_flip(len(x), pad, gen) for _ in range(views)]
-    if not flip:
-        draws = [(shifts, torch.zeros_like(flips)) for shifts, flips in draws]
+    draws = [draw_crop_flip(len(x), pad, gen, flip=flip) for _ in range(views)]
     out = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
@@ -43,10 +42,10 @@ def embed_images(model, images: np.ndarray, *, device: torch.device, batch_size:
                 f = model.encode_image(prepare_images(xb))
             out.append(F.normalize(f.float(), dim=-1).cpu())
             continue
-        xn = xb.float().div_(127.5).sub_(1.0)
+        xn = normalise(xb)
         acc = torch.zeros((), device=device)
         for shifts, flips in draws:
-            xv = prepare_images(shift_flip(xn, shifts[i:i + batch_size], flips[i:i + batch_size], pad=pad))
+            xv = prepare_images(crop_flip(xn, shifts[i:i + batch_size], flips[i:i + batch_size], pad=pad))
             with autocast():
                 f = model.encode_image(xv)
             acc = acc + F.normalize(f.float(), dim=-1)

@@ -1,7 +1,7 @@
 """A small CLIP built from open_clip's own towers, so that we can train one on our data.
 
 Images enter as uint8 [B, C, H, W] with C = 1 (grey) or 3 (RGB). `prepare_images` scales
-them to [-1, 1] (x / 127.5 - 1: the scaling stages.learn.trainer uses, no dataset statistics,
+them to [-1, 1] (x / 127.5 - 1: stages.learn.trainer's `normalise`, no dataset statistics,
 so a checkpoint needs nothing but its weights) and repeats a grey channel to three,
 because open_clip's ViT patch embedding takes RGB. Text is open_clip's BPE tokens, padded
 or truncated to the arch's context. Checkpoints are safetensors weights plus a JSON of the
@@ -18,9 +18,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from pipeline.errors import CurateError
+
+from stages.learn.trainer import normalise
 
 VOCAB_SIZE = 49408  # open_clip SimpleTokenizer().vocab_size (BPE merges + 2 special tokens)
 CHECKPOINT_FORMAT = "curate-clip/1"
@@ -112,11 +113,7 @@ def tokenize(captions: list[str], context: int) -> tuple[torch.Tensor, int]:
 
 def prepare_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float [B, 3, H, W] in [-1, 1]; grey (C = 1) repeated to RGB."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(127.5).sub_(1.0)
-    else:
-        x = x.float()
-    return to_rgb(x)
+    return to_rgb(normalise(x))
 
 
 def to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -125,25 +122,6 @@ def to_rgb(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != 3:
         raise CurateError(f"clip: images must have 1 or 3 channels, got {x.shape[1]}")
     return x
-
-
-def shift_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int, fill: float = -1.0) -> torch.Tensor:
-    """Per-sample shifted crop (image padded by `pad` with `fill`: -1 is black in [-1, 1]) and
-    horizontal flip of a normalised batch; `shifts` [B, 2] in [0, 2 pad], `flips` [B] bool.
-    The random draws are the caller's, so embedding views can be drawn for all rows at once."""
-    b, _, h, w = x.shape
-    shifts, flips = shifts.to(x.device), flips.to(x.device)
-    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
-    iy = shifts[:, 0, None] + torch.arange(h, device=x.device)
-    ix = shifts[:, 1, None] + torch.arange(w, device=x.device)
-    ix = torch.where(flips[:, None], ix.flip(1), ix)
-    bidx = torch.arange(b, device=x.device)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[bidx, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2).contiguous()
-
-
-def draw_shift_flip(n: int, pad: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (shifts [n, 2], flips [n]) for `shift_flip`, from `gen` (CPU)."""
-    return torch.randint(0, 2 * pad + 1, (n, 2), generator=gen), torch.rand(n, generator=gen) < 0.5
 
 
 def _sidecar(path: Path) -> Path:

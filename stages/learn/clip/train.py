@@ -10,7 +10,6 @@ on a given device and thread count.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +18,9 @@ from torch.nn import functional as F
 
 from pipeline.errors import CurateError
 
-from stages.learn.trainer import autocast_for
-from stages.learn.clip.model import draw_shift_flip, prepare_images, shift_flip
+from stages.learn.augment import crop_flip, draw_crop_flip
+from stages.learn.trainer import TrainingLoop, autocast_for, normalise
+from stages.learn.clip.model import prepare_images
 
 MAX_LOGIT_SCALE = math.log(100.0)
 AUGMENTS = ("none", "crop", "crop_flip")
@@ -104,7 +104,6 @@ def train_clip(model, images: np.ndarray, tokens: torch.Tensor, *, recipe: ClipR
     if recipe.augment not in AUGMENTS:
         raise CurateError(f"clip training: unknown augment '{recipe.augment}' ({', '.join(AUGMENTS)})")
 
-    cuda = device.type == "cuda"
     model.to(device).train()
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     t = torch.as_tensor(tokens, dtype=torch.long).to(device)
@@ -115,40 +114,22 @@ def train_clip(model, images: np.ndarray, tokens: torch.Tensor, *, recipe: ClipR
                             eps=recipe.eps)
     per_epoch = n // recipe.batch_size + (n % recipe.batch_size >= 2)
     total = per_epoch * recipe.epochs
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    steps, seen, last, epoch_loss = 0, 0, torch.tensor(float("nan")), []
-    for _ in range(recipe.epochs):
+    loop, epoch_loss = TrainingLoop(recipe.epochs, device, progress=progress), []
+    for _ in loop:
         running = torch.zeros((), device=device)
         batches = _batches(n, recipe.batch_size, order_gen)
         for rows in batches:
-            for g in opt.param_groups:
-                g["lr"] = recipe.lr_at(steps, total)
+            loop.set_lr(opt, recipe.lr_at(loop.steps, total))
             idx = rows.to(device)
             xb = x[idx]
             if recipe.augment != "none":
-                shifts, flips = draw_shift_flip(len(rows), recipe.crop_pad, aug_gen)
-                if recipe.augment == "crop":
-                    flips.zero_()
-                xb = shift_flip(xb.float().div_(127.5).sub_(1.0), shifts, flips, pad=recipe.crop_pad)
+                draw = draw_crop_flip(len(rows), recipe.crop_pad, aug_gen, flip=recipe.augment == "crop_flip")
+                xb = crop_flip(normalise(xb), *draw, pad=recipe.crop_pad)
             xb = prepare_images(xb)
             with autocast():
                 img, txt = model.encode_image(xb), model.encode_text(t[idx])
-            loss = clip_loss(img, txt, model.logit_scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            running += loop.step(opt, clip_loss(img, txt, model.logit_scale), len(rows))
             with torch.no_grad():
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            last = loss.detach()
-            running += last
-            steps += 1
-            seen += len(rows)
         epoch_loss.append(float(running) / max(1, len(batches)))
-        if progress:
-            progress(1)
-    if cuda:
-        torch.cuda.synchronize(device)
-    return {"seconds": time.perf_counter() - start, "steps": steps, "epochs": recipe.epochs, "samples": seen,
-            "final_loss": float(last), "epoch_loss": epoch_loss}
+    return {**loop.result(), "samples": loop.samples, "epoch_loss": epoch_loss}

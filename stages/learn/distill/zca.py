@@ -8,9 +8,8 @@ then live in the whitened space and must be mapped back (`invert_zca`) to be sav
 ZCA is W = U diag(1 / sqrt(lambda + eps)) U^T for the eigen decomposition U diag(lambda) U^T
 of the feature covariance: the whitening closest to the identity, so whitened images still
 look like images. eps regularises the small eigenvalues (noise directions) instead of
-blowing them up; it is added to the eigenvalues as it is (the MTT setting, eps = 0.1), or as
-a fraction of the mean eigenvalue with relative=True (the KIP setting). The decomposition runs
-in float64; the results come back in the input's dtype and device.
+blowing them up; it is added to the eigenvalues as it is (the MTT setting, eps = 0.1). The
+decomposition runs in float64; the results come back in the input's dtype and device.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import torch
 
 
-def _eig(x: torch.Tensor, eps: float, relative: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _eig(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.ndim < 2 or len(x) < 2:
         raise ValueError(f"zca: need at least 2 samples [N, ...], got shape {tuple(x.shape)}")
     if eps < 0:
@@ -29,28 +28,21 @@ def _eig(x: torch.Tensor, eps: float, relative: bool) -> tuple[torch.Tensor, tor
     cov = c.T @ c / len(f)
     lam, u = torch.linalg.eigh(cov)
     lam = lam.clamp_min(0)
-    reg = eps * lam.mean() if relative else torch.as_tensor(eps, dtype=lam.dtype, device=lam.device)
-    d = lam + reg
+    d = lam + eps
     if not bool((d > 0).all()):
         raise ValueError("zca: the covariance is singular; use eps > 0")
     return mean, u, d
 
 
-def fit_zca(x: torch.Tensor, eps: float = 0.1, *, relative: bool = False, return_inverse: bool = False):
+def fit_zca(x: torch.Tensor, eps: float = 0.1, *, return_inverse: bool = False):
     """Fit on samples x [N, ...] (flattened to [N, D]): returns (mean [D], W [D, D]), or
     (mean, W, W_inv) with return_inverse=True. W and W_inv are symmetric."""
-    mean, u, d = _eig(x, eps, relative)
+    mean, u, d = _eig(x, eps)
     dt = x.dtype if x.is_floating_point() else torch.float32
     out = (mean.to(x.device, dt), ((u * d.rsqrt()) @ u.T).to(x.device, dt))
     if return_inverse:
         return out + (((u * d.sqrt()) @ u.T).to(x.device, dt),)
     return out
-
-
-def zca_inverse(w: torch.Tensor) -> torch.Tensor:
-    """W_inv for a fitted W (symmetric positive definite), when fit_zca did not return it."""
-    lam, u = torch.linalg.eigh(w.to(torch.float64))
-    return ((u / lam) @ u.T).to(w.dtype)
 
 
 def apply_zca(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

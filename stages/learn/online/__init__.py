@@ -10,19 +10,21 @@
 
 from __future__ import annotations
 
+from pipeline.methods import ONLINE, ONLINE_METHODS, online_methods
+
 from stages.learn.online.base import Batch, ModelView, Probe, Selector, Static
 
-PER_BATCH = ("adaselection", "uniform", "big_loss", "small_loss", "grad_norm", "adaboost", "coreset_center",
-             "coreset_cover")
+PER_BATCH = online_methods("adaselection", "per_batch")
 
 
 def make_selector(method: str, fraction: float, **opts) -> Selector:
     """A selector by config name: craig / gradmatch (adaptive), crest, adaselection or a per-batch baseline."""
-    if method in ("craig", "gradmatch"):
+    selector = ONLINE[method].selector if method in ONLINE else None
+    if selector == "adaptive":
         from stages.learn.online.adaptive import AdaptiveCoreset
 
         return AdaptiveCoreset(method, fraction, **opts)
-    if method == "crest":
+    if selector == "crest":
         from stages.learn.online.crest import Crest
 
         return Crest(fraction, **opts)
@@ -30,7 +32,7 @@ def make_selector(method: str, fraction: float, **opts) -> Selector:
         from stages.learn.online.per_batch import make_per_batch
 
         return make_per_batch(method, fraction, **opts)
-    raise ValueError(f"online method {method!r} is unknown (have: craig, gradmatch, crest, {', '.join(PER_BATCH)})")
+    raise ValueError(f"online method {method!r} is unknown (have: {', '.join(ONLINE_METHODS)})")
 
 
 __all__ = ["Batch", "ModelView", "Probe", "Selector", "Static", "make_selector", "PER_BATCH"]

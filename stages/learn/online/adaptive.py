@@ -32,7 +32,8 @@ import numpy as np
 from stages.kernels.coresets.facility import craig
 from stages.kernels.coresets.features import last_layer, plain
 from stages.kernels.coresets.gradmatch import gradmatch_per_class
-from pipeline.sampling import budget_count, proportional_allocation
+from stages.kernels.gradients import bias_gradients
+from pipeline.sampling import budget_count, budget_problem, proportional_allocation
 from stages.learn.online.base import Batch, ModelView, Probe, Selector, shuffled_batches
 
 METHODS = {"craig": craig, "gradmatch": gradmatch_per_class}
@@ -46,8 +47,7 @@ def gradient_features(probe: Probe, labels: np.ndarray, device, kind: str = "las
     (factored, never N x C(D+1) at once), bias gradients p - y, or the penultimate features."""
     if kind == "embeddings":
         return plain(probe.feats, device)
-    err = probe.probs.copy()
-    err[np.arange(len(labels)), labels] -= 1.0
+    err = bias_gradients(probe.probs, labels)
     return plain(err, device) if kind == "bias_gradients" else last_layer(err, probe.feats, device)
 
 
@@ -93,8 +93,8 @@ class AdaptiveCoreset(Selector):
     def __init__(self, method: str, fraction: float, kappa: float = 0.5, every: int = 5, *,
                  warm: str = "budget", features: str = "last_layer", **method_opts):
         require(method in METHODS, f"adaptive: method must be craig or gradmatch, got {method!r}")
-        require(isinstance(fraction, (int, float)) and 0 < fraction <= 1,
-                f"adaptive: fraction must be in (0, 1], got {fraction!r}")
+        problem = budget_problem(fraction, counts=False, what="fraction")
+        require(not problem, f"adaptive: {problem}")
         require(isinstance(kappa, (int, float)) and 0 <= kappa <= 1,
                 f"adaptive: kappa must be in [0, 1], got {kappa!r}")
         require(isinstance(every, int) and every >= 1, f"adaptive: every must be an integer >= 1, got {every!r}")

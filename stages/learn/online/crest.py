@@ -50,7 +50,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from stages.kernels.coresets.facility import craig
-from pipeline.sampling import proportional_allocation
+from stages.kernels.gradients import bias_gradients_torch
+from pipeline.sampling import budget_problem, proportional_allocation
 from stages.learn.online.adaptive import FEATURES, gradient_features, require
 from stages.learn.online.base import Batch, ModelView, Probe, Selector
 
@@ -77,8 +78,7 @@ def linear_head_curvature(probs: np.ndarray, feats: np.ndarray, labels: np.ndarr
     p = torch.as_tensor(probs, dtype=torch.float64, device=device)
     x = torch.as_tensor(feats, dtype=torch.float64, device=device)
     n = len(p)
-    e = p.clone()
-    e[torch.arange(n, device=device), torch.as_tensor(labels, device=device)] -= 1.0
+    e = bias_gradients_torch(p, labels)
     s = p * (1 - p)
     g, h = [(e.T @ x / n).reshape(-1)], [(s.T @ (x * x) / n).reshape(-1)]
     if bias:
@@ -121,8 +121,8 @@ class Crest(Selector):
                  max_reuse: int = 4, drop_threshold: float = 0.05, drop_after: int = 2,
                  metric: str = "euclidean", optimizer: str = "stochastic", eps: float = 0.01,
                  features: str = "last_layer", hessian: str = "exact", hutchinson_probes: int = 8):
-        require(isinstance(fraction, (int, float)) and 0 < fraction <= 1,
-                f"crest: fraction must be in (0, 1], got {fraction!r}")
+        problem = budget_problem(fraction, counts=False, what="fraction")
+        require(not problem, f"crest: {problem}")
         for key, val, low in (("subsets", subsets, 1), ("check_every", check_every, 1), ("max_reuse", max_reuse, 1),
                               ("drop_after", drop_after, 0), ("hutchinson_probes", hutchinson_probes, 1)):
             require(isinstance(val, int) and not isinstance(val, bool) and val >= low,

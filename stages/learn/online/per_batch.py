@@ -31,17 +31,19 @@ The selection is usable from any training loop, without `train_classifier`:
 
 from __future__ import annotations
 
-import numbers
 from abc import abstractmethod
 from typing import Iterator
 
 import numpy as np
 
 from pipeline.errors import CurateError
+from pipeline.methods import online_methods
+from pipeline.sampling import budget_problem
 
+from stages.kernels.gradients import bias_gradients
 from stages.learn.online.base import Batch, ModelView, Selector
 
-BASELINES = ("uniform", "big_loss", "small_loss", "grad_norm", "adaboost", "coreset_center", "coreset_cover")
+BASELINES = online_methods("per_batch")  # the single scores that AdaSelection mixes
 _GRAM_METHODS = ("coreset_center", "coreset_cover")
 _BASELINE_RATE = 0.1  # AdaSelection: EMA rate of the loss-drop mean and variance
 _SCALE_FLOOR = 0.1  # AdaSelection: the drop's scale is at least this share of its mean
@@ -69,20 +71,13 @@ def small_loss(losses: np.ndarray) -> np.ndarray:
     return -np.asarray(losses, np.float64)
 
 
-def _residuals(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """p - onehot(y): the cross-entropy gradient with respect to the logits."""
-    e = np.array(probs, np.float64)
-    e[np.arange(len(e)), np.asarray(labels, np.int64)] -= 1.0
-    return e
-
-
 def grad_norm(probs: np.ndarray, labels: np.ndarray, feats: np.ndarray) -> np.ndarray:
     """Norm of each sample's cross-entropy gradient on the last linear layer (weight and bias).
 
     d loss / d W = (p - y) h^T and d loss / d b = p - y, so the norm is
     ||p - y|| * sqrt(||h||^2 + 1) without forming the gradient.
     """
-    e = _residuals(probs, labels)
+    e = bias_gradients(probs, labels, np.float64)
     h = np.asarray(feats, np.float64).reshape(len(e), -1)
     return np.linalg.norm(e, axis=1) * np.sqrt((h * h).sum(1) + 1.0)
 
@@ -93,7 +88,7 @@ def last_layer_gram(probs: np.ndarray, labels: np.ndarray, feats: np.ndarray) ->
     <g_i, g_j> = <e_i, e_j> * (<h_i, h_j> + 1), so the C * (D + 1)-dimensional gradients
     are never formed: O(B^2 (C + D)) time and O(B^2) memory.
     """
-    e = _residuals(probs, labels).astype(np.float32)
+    e = bias_gradients(probs, labels, np.float64).astype(np.float32)
     h = np.asarray(feats, np.float32).reshape(len(e), -1)
     return (e @ e.T).astype(np.float64) * ((h @ h.T).astype(np.float64) + 1.0)
 
@@ -208,8 +203,9 @@ def normalised_ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def _check_fraction(fraction) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
-        raise SelectionError(f"fraction {fraction!r} is out of range: a per-batch fraction is in (0, 1]")
+    problem = budget_problem(fraction, counts=False, what="fraction")
+    if problem:
+        raise SelectionError(f"per-batch {problem}")
     return float(fraction)
 
 

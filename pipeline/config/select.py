@@ -1,0 +1,184 @@
+"""select: one spec class per selection method, each stating what the method needs and yields.
+
+`needs` names the upstream data a method reads (pipeline.methods.NEEDS: the select unit's
+upstream units follow from it) and `weights` whether it yields coreset weights. Every list of
+selection methods (SELECT_METHODS, CAPTION_METHODS, the select stage's dispatch) is derived
+from SPEC_TYPES.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.methods import SCORE_METHODS
+
+from .base import DEVICE, Budget, Section, check_budget, method_names
+
+
+class SelectSpec(Section):
+    """One selection. Budget: a fraction of the training pool (index) or a count.
+
+    `pool` names an earlier selection of the run whose selected rows are the candidates
+    (e.g. craig after dedup); the budget still counts against the whole training pool, so
+    that verify compares subsets of equal size.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the method reads (pipeline.methods.NEEDS)
+    weights: ClassVar[bool] = False  # yields coreset weights (verify trains on sum(w * loss) / sum(w))
+
+    method: str
+    budget: Budget
+    name: str | None = None
+    pool: str | None = None
+
+    _check = field_validator("budget")(classmethod(lambda cls, v: check_budget(v)))
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or f"{self.method}-{self.budget}"
+
+    def params(self) -> dict:
+        return self.model_dump(exclude={"name"})
+
+
+class RandomSpec(SelectSpec):
+    method: Literal["random"]
+
+
+class StratifiedSpec(SelectSpec):
+    needs = frozenset({"labels"})
+    method: Literal["stratified"]
+
+
+FEATURES = Literal["gradients", "bias_gradients", "embeddings"]  # last-layer grads, p - y, embed/embeddings.npy
+# craig / gradmatch: per class where there are labels; gradients with the default `features`
+GRADIENT_NEEDS = frozenset({"embeddings", "gradients"})
+
+
+class CraigSpec(SelectSpec):
+    needs = GRADIENT_NEEDS
+    weights = True
+    method: Literal["craig"]
+    features: FEATURES = "gradients"
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    optimizer: Literal["lazy", "stochastic"] = "stochastic"
+    eps: float = Field(0.01, gt=0, lt=1)  # stochastic greedy: (1 - 1/e - eps) in expectation
+    graph: Literal["auto", "dense", "sparse"] = "auto"
+    dense_max: int = Field(10000, ge=1)  # auto: a class larger than this gets the sparse k-NN graph
+    knn: int = Field(32, ge=1)
+    device: DEVICE = "auto"
+
+
+class GradMatchSpec(SelectSpec):
+    needs = GRADIENT_NEEDS
+    weights = True
+    method: Literal["gradmatch"]
+    features: FEATURES = "gradients"
+    per: Literal["class", "batch"] = "class"
+    batch_size: int = Field(32, ge=1)  # per: batch
+    lam: float = Field(0.05, ge=0)  # ridge on the weights, for gradients scaled to unit mean norm
+    tol: float = Field(1e-5, gt=0)  # stop when ||residual|| / ||target|| <= tol (small: OMP usually fills the budget)
+    device: DEVICE = "auto"
+
+
+class DifficultySpec(SelectSpec):
+    needs = frozenset({"scores"})
+    method: Literal["difficulty"]
+    score: Literal[SCORE_METHODS]
+    keep: Literal["hard", "easy", "auto"] = "hard"
+    class_balanced: bool = False
+    auto_threshold: float = Field(0.3, gt=0, le=1)  # auto: keep hard from this kept fraction up
+
+
+class CcsSpec(SelectSpec):
+    needs = frozenset({"scores"})
+    method: Literal["ccs"]
+    score: Literal[SCORE_METHODS]
+    beta: float = Field(0.1, ge=0, lt=1)  # hardest fraction pruned first
+    bins: int = Field(50, ge=1)
+
+
+class DedupSpec(SelectSpec):
+    needs = frozenset({"embeddings"})
+    method: Literal["dedup"]
+    budget: None = None  # keeps whatever is not a near-duplicate
+    eps: float = Field(0.05, gt=0, lt=2)  # drop when cosine similarity to a kept sample > 1 - eps
+    clusters: int | None = Field(None, ge=1)  # k-means clusters; default N // 1000
+    center: bool = True  # subtract the mean embedding before cosine (see stages.kernels.coresets.dedup)
+    device: DEVICE = "auto"
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check(cls, v):  # replaces SelectSpec's budget check
+        if v is not None:
+            raise ValueError("dedup takes no budget: eps decides what it keeps (set a budget on a selection whose pool is this one)")
+        return v
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or f"dedup-eps{self.eps}"
+
+
+GROUPS = Literal["kmeans", "labels"]  # pseudo-classes of image-caption data: k-means on embeddings, or labels
+
+
+class ClipCovSpec(SelectSpec):
+    """Per pseudo-class greedy that keeps the subset's image-caption cross-covariance close to
+    the full data's, minus a redundancy penalty (stages.kernels.coresets.clipcov)."""
+
+    needs = frozenset({"embeddings", "captions"})
+    method: Literal["clipcov"]
+    groups: GROUPS = "kmeans"
+    clusters: int = Field(10, ge=1)  # kmeans
+    lam: float = Field(1.0, ge=0)  # weight of the redundancy term
+    gate: float | None = Field(3.0, ge=0)  # misaligned: CLIP score this many robust stds below the group's median
+    pool_factor: float | None = Field(1.5, ge=1)  # picks come from the ceil(pool_factor * k) best-scored pairs first
+    device: DEVICE = "auto"
+
+
+class ClipScoreSpec(SelectSpec):
+    """DataComp-style filter: the top `budget` pairs by image-caption cosine, or (budget: null)
+    every pair at or above `threshold`."""
+
+    needs = frozenset({"embeddings", "captions"})
+    method: Literal["clipscore"]
+    budget: Budget | None = None
+    threshold: float | None = Field(None, ge=-1, le=1)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check(cls, v):  # replaces SelectSpec's check: a budget or a threshold
+        return None if v is None else check_budget(v)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.budget is None) == (self.threshold is None):
+            raise ValueError("clipscore takes a budget or a threshold, not both and not neither")
+        return self
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or (f"clipscore-{self.budget}" if self.budget is not None else f"clipscore-t{self.threshold}")
+
+
+class SasSpec(SelectSpec):
+    """SAS: per pseudo-class facility location on the images' mean embedding over augmented
+    views (embed/image_views.npy from proxy_clip; the plain image embeddings otherwise)."""
+
+    needs = frozenset({"embeddings", "image_views"})  # image views only: no captions
+    method: Literal["sas"]
+    groups: GROUPS = "kmeans"
+    clusters: int = Field(10, ge=1)
+    optimizer: Literal["lazy", "stochastic"] = "stochastic"
+    eps: float = Field(0.01, gt=0, lt=1)
+    device: DEVICE = "auto"
+
+
+SPEC_TYPES = (RandomSpec, StratifiedSpec, CraigSpec, GradMatchSpec, DifficultySpec, CcsSpec, DedupSpec,
+              ClipCovSpec, ClipScoreSpec, SasSpec)
+SELECT_SPECS: dict[str, type[SelectSpec]] = dict(zip(method_names(SPEC_TYPES), SPEC_TYPES))
+SELECT_METHODS = tuple(SELECT_SPECS)
+CAPTION_METHODS = frozenset(m for m, c in SELECT_SPECS.items() if "captions" in c.needs)
+AnySpec = Annotated[Union[SPEC_TYPES], Field(discriminator="method")]
