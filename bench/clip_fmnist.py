@@ -70,7 +70,7 @@ def oracle_rows(runner, clean: np.ndarray) -> list[str]:
     from stages.verify.clip import ClipTrainer
 
     cfg = runner.cfg
-    ctx = runner.context("verify", out=runner.run_dir / "verify", fp="bench")
+    ctx = runner.context("verify/full", out=runner.run_dir / "verify" / "full", fp="bench")
     pool, images = ctx.index_arrays(cfg.verify.image_size)
     labels = pool.labels
     train = ClipTrainer(ctx, images, labels, load_test_split(ctx, cfg.verify.image_size))
@@ -115,9 +115,9 @@ def main() -> None:
         t0 = time.perf_counter()
         res = runner.run(unit)
         print(f"{unit}: {res['status']} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    report = json.loads((runner.run_dir / "verify" / "report.json").read_text())
+    report = json.loads((runner.run_dir / "report" / "report.json").read_text())
     clean = clean_rows(runner.run_dir)
-    print("\n" + (runner.run_dir / "verify" / "report.md").read_text())
+    print("\n" + (runner.run_dir / "report" / "report.md").read_text())
     print(f"clean pairs in the pool: {clean.mean():.3f} of {len(clean)}")
     print("| set | pairs | zero-shot acc (%) | linear probe (%) | clean share kept |\n|---|---|---|---|---|")
     from pipeline.manifest import read_parquet

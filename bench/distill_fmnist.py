@@ -120,7 +120,7 @@ def main() -> None:
         res = runner.run(unit)
         print(f"{unit}: {res['status']} ({time.perf_counter() - t0:.1f} s)", flush=True)
     run_dir = runner.run_dir
-    report = json.loads((run_dir / "verify" / "report.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
     print("\n" + "\n".join(accuracy_table(report)) + "\n")
     if runner.cfg.distill.has_mtt:
         rec = stage_record(run_dir, "experts")

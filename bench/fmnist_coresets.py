@@ -33,7 +33,7 @@ def main() -> None:
 
     emb = runner.run_dir / "embed"
     grads = last_layer(np.load(emb / "grads.npy"), np.load(emb / "embeddings.npy")).dense().numpy()
-    report = json.loads((runner.run_dir / "verify" / "report.json").read_text())
+    report = json.loads((runner.run_dir / "report" / "report.json").read_text())
     print(f"\n{report['dataset']}: recipe {report['recipe']}, {report['epochs']} epochs, {report['seeds']} seeds, "
           f"device {report['device']}")
     print("| training set | samples | test acc (%) | vs random same size (pp) | grad-matching error | select s |")

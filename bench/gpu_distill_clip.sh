@@ -17,8 +17,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 case $what in
   scale) python3 bench/clipcov_scale.py --n 1000000 --d 512 "$@" 2>&1 | tee "$OUT/clipcov_scale.txt" ;;
   distill) python3 bench/distill_fmnist.py --src data/raw/fashion-mnist "$@" 2>&1 | tee "$OUT/distill_fmnist.txt"
-           cp runs/fmnist-distill/verify/report.* "$OUT"/ ;;
+           cp runs/fmnist-distill/report/report.* "$OUT"/ ;;
   clip) python3 bench/clip_fmnist.py --src data/raw/fashion-mnist --oracle "$@" 2>&1 | tee "$OUT/clip_fmnist.txt"
-        cp runs/clip-fmnist/verify/report.* "$OUT"/ ;;
+        cp runs/clip-fmnist/report/report.* "$OUT"/ ;;
   *) echo "unknown: $what (scale | distill | clip)"; exit 2 ;;
 esac

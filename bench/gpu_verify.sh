@@ -14,4 +14,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 bench/verify_fmnist.py --src data/raw/fashion-mnist "$@" 2>&1 | tee "$OUT/verify_fmnist.txt"
 run=$(python3 -c "import sys,yaml; print(yaml.safe_load(open('configs/fmnist-verify.yaml'))['run'])")
 for a in "$@"; do case $a in run=*) run=${a#run=};; esac; done
-cp "$run"/verify/report.* "$run"/verify/*.png "$OUT"/
+cp "$run"/report/report.* "$run"/report/*.png "$OUT"/

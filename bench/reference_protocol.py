@@ -44,7 +44,7 @@ def main() -> None:
             [f"select/{s}" for s in a.sets if s.startswith("difficulty")]:
         print(f"{unit}: {runner.run(unit)['status']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = runner.context("verify", out=Path(tmp), fp="bench")
+        ctx = runner.context("verify/full", out=Path(tmp), fp="bench")
         c = ctx.config
         pool, images = ctx.index_arrays(c["image_size"])
         labels = pool.labels

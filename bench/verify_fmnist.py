@@ -43,14 +43,14 @@ def goal_lines(report: dict) -> list[str]:
 
 def main() -> None:
     runner = run_bench(__doc__.splitlines()[0], "fmnist-verify.yaml")
-    report = json.loads((runner.run_dir / "verify" / "report.json").read_text())
+    report = json.loads((runner.run_dir / "report" / "report.json").read_text())
     print()
-    print((runner.run_dir / "verify" / "report.md").read_text())
+    print((runner.run_dir / "report" / "report.md").read_text())
     full = report["rows"][0]
     print(f"one full-data epoch of {report['recipe']}: {full['train_seconds'] / report['epochs']:.2f} s "
           f"({report['train_samples'] * report['epochs'] / full['train_seconds']:.0f} img/s), device {report['device']}")
     print("\n".join(goal_lines(report)))
-    print(f"plots: {runner.run_dir / 'verify' / 'accuracy_vs_budget.png'}, {runner.run_dir / 'verify' / 'accuracy_vs_time.png'}")
+    print(f"plots: {runner.run_dir / 'report' / 'accuracy_vs_budget.png'}, {runner.run_dir / 'report' / 'accuracy_vs_time.png'}")
 
 
 if __name__ == "__main__":

@@ -59,19 +59,22 @@ def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagef
 def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (default: the digits demo)"),
         set_: List[str] = typer.Option([], "--set", help="override, e.g. select.0.budget=0.2"),
         catalog: Optional[str] = typer.Option(None, "--catalog"),
+        run_dir: Optional[Path] = typer.Option(None, "--run", help="rerun the run saved in this directory"),
         wait: bool = typer.Option(False, "--wait", help="a unit another process computes: wait for it")):
-    """Run the whole flow through Prefect."""
+    """Run the whole flow through Prefect (CONFIG, a saved run with --run, or the demo)."""
     from .locks import install_sigterm_handler
+    from .runner import load_plugin
 
     install_sigterm_handler()
     try:
-        from .runner import load_plugin
-
-        if config is None:
+        if config is not None and run_dir is not None:
+            raise CurateError("give CONFIG or --run DIR, not both (a saved run keeps its own config)")
+        if config is None and run_dir is None:
             from .ingest import ensure_demo_data
 
             ensure_demo_data(catalog)
-        report = load_plugin("curate.flows")(str(config) if config else None, list(set_), catalog, wait=wait)
+        report = load_plugin("curate.flows", "run")(str(config) if config else None, list(set_), catalog, wait=wait,
+                                                    run_dir=str(run_dir) if run_dir else None)
     except CurateError as exc:
         _fail(exc)
     except OSError as exc:
@@ -80,7 +83,44 @@ def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (def
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="index | embed | score | select | materialize | experts | distill | verify"),
+def serve(config: Path = typer.Argument(..., help="run config YAML"),
+          name: str = typer.Option(..., "--name", help="the deployment: curate/NAME"),
+          cron: Optional[str] = typer.Option(None, "--cron", help='a cron schedule, e.g. "0 3 * * *"'),
+          interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs"),
+          set_: List[str] = typer.Option([], "--set"),
+          catalog: Optional[str] = typer.Option(None, "--catalog")):
+    """Serve a scheduled deployment of the flow until SIGTERM or Ctrl-C (needs a Prefect server:
+    PREFECT_API_URL)."""
+    from .runner import load_plugin
+
+    try:
+        load_plugin("curate.flows", "serve")(str(config), name, cron=cron, interval=interval, overrides=list(set_),
+                                             catalog=catalog)
+    except CurateError as exc:
+        _fail(exc)
+
+
+@app.command()
+def deploy(config: Path = typer.Argument(..., help="run config YAML"),
+           name: str = typer.Option(..., "--name", help="the deployment: curate/NAME"),
+           pool: str = typer.Option(..., "--pool", help="a work pool (e.g. a process pool)"),
+           cron: Optional[str] = typer.Option(None, "--cron"),
+           interval: Optional[float] = typer.Option(None, "--interval"),
+           set_: List[str] = typer.Option([], "--set"),
+           catalog: Optional[str] = typer.Option(None, "--catalog")):
+    """Register a deployment of the flow for a work pool; `prefect worker start --pool POOL` runs it."""
+    from .runner import load_plugin
+
+    try:
+        dep = load_plugin("curate.flows", "deploy")(str(config), name, pool, cron=cron, interval=interval,
+                                                    overrides=list(set_), catalog=catalog)
+    except CurateError as exc:
+        _fail(exc)
+    typer.echo(f"deployment curate/{name} ({dep}) on pool {pool}: `prefect deployment run curate/{name}` runs it")
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="index | embed | score | select | materialize | experts | distill | verify | report"),
           run_dir: Path = typer.Option(..., "--run", help="run directory"),
           config: Optional[Path] = typer.Option(None, "--config"),
           set_: List[str] = typer.Option([], "--set"),
@@ -89,7 +129,7 @@ def stage(name: str = typer.Argument(..., help="index | embed | score | select |
           wait: bool = typer.Option(False, "--wait", help="a unit another process computes: wait for it")):
     """Run one stage (every unit of it) without a Prefect server."""
     from .locks import install_sigterm_handler
-    from .runner import Runner
+    from .runner import Runner, config_kept_on_failure
 
     install_sigterm_handler()
     try:
@@ -97,10 +137,11 @@ def stage(name: str = typer.Argument(..., help="index | embed | score | select |
         units = runner.units(name)
         if not units:
             typer.echo(f"{name}: nothing to run in this config (e.g. no score methods or no selections)")
-        runner.write_run_json()
-        for unit in units:
-            res = runner.run(unit, force=force)
-            typer.echo(f"{res['unit']}: {res['status']} ({res['wall_seconds']:.1f} s) {res['fingerprint'][:12]}")
+        with config_kept_on_failure(runner.run_dir):
+            runner.write_run_json()
+            for unit in units:
+                res = runner.run(unit, force=force)
+                typer.echo(f"{res['unit']}: {res['status']} ({res['wall_seconds']:.1f} s) {res['fingerprint'][:12]}")
     except CurateError as exc:
         _fail(exc)
     except OSError as exc:
@@ -133,27 +174,27 @@ def _os_line(exc: OSError) -> CurateError:
 
 @app.command()
 def report(run_dir: Path = typer.Option(..., "--run")):
-    """Rewrite verify/report.md and the PNG plots from report.json, and print the table."""
+    """Rewrite report/report.md and the PNG plots from report.json, and print the table."""
     from pipeline.report import plot_report, read_report, render_markdown
 
-    verify = run_dir / "verify"
-    path = verify / "report.json"
+    folder = run_dir / "report"
+    path = folder / "report.json"
     try:
         if not path.exists():
-            raise CurateError(f"run {run_dir}: no verify/report.json (run `curate stage verify --run {run_dir}`)")
+            raise CurateError(f"run {run_dir}: no report/report.json (run `curate stage report --run {run_dir}`)")
         data = read_report(path)
         md = render_markdown(data)
-        with tempfile.TemporaryDirectory(dir=verify) as tmp:  # all drawn before anything is replaced
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:  # all drawn before anything is replaced
             (Path(tmp) / "report.md").write_text(md, encoding="utf-8")
             for name in ["report.md", *plot_report(data, Path(tmp))]:
-                os.replace(Path(tmp) / name, verify / name)
+                os.replace(Path(tmp) / name, folder / name)
     except CurateError as exc:
         _fail(exc)
     except (ValueError, KeyError, TypeError) as exc:  # a hand-edited row lacks a field or holds a wrong type
         _fail(CurateError(f"{path}: not a curate report ({' '.join(f'{type(exc).__name__}: {exc}'.split())})"))
-    except OSError as exc:  # a read-only verify/, a folder where a plot goes, ...
+    except OSError as exc:  # a read-only report/, a folder where a plot goes, ...
         where = f": {exc.filename}" if exc.filename else ""
-        _fail(CurateError(f"{verify}: cannot write the report ({exc.strerror or exc}{where})"))
+        _fail(CurateError(f"{folder}: cannot write the report ({exc.strerror or exc}{where})"))
     typer.echo(md)
 
 

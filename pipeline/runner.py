@@ -13,6 +13,7 @@ import platform
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,15 +29,15 @@ STAGE_FILE = "_stage.json"
 RUN_FORMAT = "curate-run/1"  # marks a run.json curate wrote: only such a directory is reused
 
 
-def load_plugin(group: str):
-    """The one object registered under an entry-point group (`curate.stages`: the stage registry,
-    `curate.flows`: the flow runner). pipeline imports no stage and no flow: they are handed in."""
+def load_plugin(group: str, name: str):
+    """The object registered as `name` in an entry-point group (`curate.stages`: the stage
+    registry; `curate.flows`: the flow runner, serve and deploy). pipeline imports no stage and
+    no flow: they are handed in."""
     from importlib.metadata import entry_points
 
-    found = list(entry_points(group=group))
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
     if len(found) != 1:
-        raise CurateError(f"{len(found)} entry points in group '{group}' (expected 1): reinstall curate "
-                          "(`pip install -e .`)")
+        raise CurateError(f"no entry point '{name}' in group '{group}': reinstall curate (`pip install -e .`)")
     return found[0].load()
 
 
@@ -57,7 +58,7 @@ class Runner:
         self.cfg = cfg
         self.catalog = catalog
         self.run_dir = Path(run_dir or cfg.run).absolute()
-        self.stages = stages if stages is not None else load_plugin("curate.stages")
+        self.stages = stages if stages is not None else load_plugin("curate.stages", "registry")
         self.entry = catalog.entries.get(cfg.dataset)
         self._fp: dict[str, str] = {}
         self._ext: dict[tuple[str, str], str] = {}
@@ -308,6 +309,53 @@ class Runner:
             rows.append({"unit": unit, "state": state, "why": why, "fingerprint": self.fingerprint(unit)[:12],
                          "wall_seconds": rec.get("wall_seconds"), "ended": rec.get("ended")})
         return rows
+
+
+def open_run(config: str | None = None, overrides: list[str] = (), catalog: str | None = None,
+             run_dir: str | None = None, *, dry_run: bool = False, announce=print) -> Runner:
+    """The runner of a whole-flow run, validated before anything is written.
+
+    From `config` (a YAML file; None: the demo) with `overrides`, or, with `run_dir` alone, the
+    config saved in that run's run.json (a run you return to). Unless `dry_run`, the config is
+    saved to run.json; replacing a different saved config is announced, never silent."""
+    if config is None and run_dir is not None:
+        runner = Runner.from_run_dir(run_dir, overrides=list(overrides), catalog=catalog)
+    else:
+        cfg = load_config(config, list(overrides))
+        runner = Runner(cfg, Catalog.load(catalog), run_dir)
+    runner.catalog.entry(runner.cfg.dataset)  # the dataset must be in the catalog
+    runner.claim()
+    if not dry_run:
+        save_config(runner, announce)
+    return runner
+
+
+def save_config(runner: Runner, announce=print) -> None:
+    """Write run.json; replacing a different saved config is announced, never silent."""
+    saved = read_run_json(runner.run_dir)
+    new = runner.cfg.model_dump(mode="json")
+    if saved is not None and saved["config"] != new:
+        changed = sorted(k for k in set(saved["config"]) | set(new) if saved["config"].get(k) != new.get(k))
+        announce(f"{runner.run_dir}/run.json: the saved config differs in {', '.join(changed)}; replaced "
+                 f"(`curate run --run {runner.run_dir}` reruns a saved run as it is)")
+    runner.write_run_json()
+
+
+@contextmanager
+def config_kept_on_failure(run_dir: Path):
+    """A command that saved a new config to run.json and then failed (say, a budget larger than
+    the dataset) puts the previous run.json back: a failed `--set` changes no saved config."""
+    path = Path(run_dir) / "run.json"
+    before = path.read_text() if path.is_file() else None
+    try:
+        yield
+    except CurateError:
+        try:
+            if before is not None and path.read_text() != before:
+                write_text_atomic(path, before)
+        except OSError:
+            pass
+        raise
 
 
 def read_run_json(run_dir: Path) -> dict | None:

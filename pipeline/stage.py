@@ -11,8 +11,9 @@ and record of a unit it declared), `ctx.index()` (the training pool), `ctx.image
 reads no `_stage.json` itself.
 
 A *unit* is one output directory: `index`, `embed`, `select/<sel>`,
-`materialize/<sel>`, `experts`, `distill/<name>`, `verify`. Per-selection stages have one
-unit per selection; `distill` has one per distill spec (`item` resolves the name).
+`materialize/<sel>`, `experts`, `distill/<name>`, `verify/<set>`, `report`. Per-selection
+stages have one unit per selection; `distill` has one per distill spec and `verify` one per
+training set (`item` resolves the name).
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ class StageContext:
         """(pool, images) of the training pool or its validation rows."""
         pool = self.index(part)
         return pool, self.images(pool.table, image_size)
+
+    def progress(self, total: int, desc: str, unit: str = ""):
+        """A context manager yielding `step(n)`: a terminal bar, and the orchestrator's report."""
+        from .progress import progress
+
+        return progress(total, desc, unit)
 
     @property
     def device(self):

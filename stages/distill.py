@@ -108,11 +108,12 @@ class ExpertsStage(Stage):
                     shutil.rmtree(old, ignore_errors=True)
         before = len(list(cache.glob("expert_*.safetensors"))) if cache.exists() else 0
         try:
-            paths = train_experts(x, labels, arch=c["arch"], in_shape=images.shape[1:], num_classes=n_classes,
-                                  width=c["width"], experts=c["count"], epochs=c["epochs"], lr=c["lr"],
-                                  batch_size=c["batch_size"], seed=c["seed"], device=ctx.device, out_dir=cache,
-                                  meta={"dataset": _dataset_tag(ctx, c["zca"]), "dsa": c["dsa"]},
-                                  augment=_augment(c["dsa"]))
+            with ctx.progress(c["count"], "experts: trajectories") as step:
+                paths = train_experts(x, labels, arch=c["arch"], in_shape=images.shape[1:], num_classes=n_classes,
+                                      width=c["width"], experts=c["count"], epochs=c["epochs"], lr=c["lr"],
+                                      batch_size=c["batch_size"], seed=c["seed"], device=ctx.device, out_dir=cache,
+                                      meta={"dataset": _dataset_tag(ctx, c["zca"]), "dsa": c["dsa"]},
+                                      augment=_augment(c["dsa"]), progress=step)
         except ValueError as exc:
             raise CurateError(f"experts: {exc}") from None
         for p in paths:
@@ -170,14 +171,14 @@ class IterationTimer:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
 
-    def tick(self, bar):
+    def tick(self, step):
         def on_iteration(*_):
             if self.cuda:
                 import torch
 
                 torch.cuda.synchronize(self.device)
             self.times.append(time.perf_counter())
-            bar.update(1)
+            step(1)
         return on_iteration
 
     def per_iteration(self) -> float | None:
@@ -221,8 +222,11 @@ class DistillStage(Stage):
             raise CurateError(f"distill {ctx.config['name']}: {exc}") from None
 
     def _run(self, ctx: StageContext) -> None:
+        with ctx.progress(ctx.config["iterations"], f"distill {ctx.config['name']}") as step:
+            self._distill(ctx, step)
+
+    def _distill(self, ctx: StageContext, step) -> None:
         import torch
-        from tqdm import tqdm
 
         from stages.learn.models import build_model
         from stages.learn.distill.dm import distill_dm, init_from_real
@@ -232,7 +236,6 @@ class DistillStage(Stage):
         in_shape = tuple(images.shape[1:])
         gen = torch.Generator().manual_seed(c["seed"])
         syn, syn_y = init_from_real(images, labels, c["ipc"], gen, num_classes=n_classes)
-        bar = tqdm(total=c["iterations"], desc=f"distill {c['name']}", disable=None)
         lr = None
         timer = IterationTimer(ctx.device)
         if c["method"] == "mtt":
@@ -251,7 +254,7 @@ class DistillStage(Stage):
                 iterations=c["iterations"], syn_steps=c["syn_steps"], expert_epochs=c["expert_epochs"],
                 max_start_epoch=c["max_start_epoch"], lr_img=c["lr_img"], lr_lr=c["lr_lr"], lr_init=c["lr_init"],
                 batch_syn=c["batch_syn"], augment=_augment(c["dsa"]), seed=c["seed"], device=ctx.device,
-                on_iteration=timer.tick(bar))
+                on_iteration=timer.tick(step))
             if c["zca"]:
                 out = invert_zca(out, mean.to(out.device), w_inv.to(out.device))
             lr = float(lr_t)
@@ -260,8 +263,7 @@ class DistillStage(Stage):
             out, losses = distill_dm((images, labels), syn, syn_y, iterations=c["iterations"], lr_img=c["lr_img"],
                                      batch_real=c["batch_real"], dsa_kinds=c["dsa"],
                                      model_factory=lambda: build_model("convnet3", in_shape, n_classes, c["width"]),
-                                     seed=c["seed"], device=ctx.device, on_iteration=timer.tick(bar))
-        bar.close()
+                                     seed=c["seed"], device=ctx.device, on_iteration=timer.tick(step))
         arr = out.detach().float().cpu().numpy()
         if not np.isfinite(arr).all():
             raise CurateError("the distilled images are not finite")

@@ -4,9 +4,11 @@ from stages.distill import DistillStage, ExpertsStage
 from stages.embed import EmbedPartStage, EmbedStage
 from stages.index import IndexStage
 from stages.materialize import MaterializeStage
+from stages.report import ReportStage
 from stages.score import ScoreStage
 from stages.select import SelectStage
 from stages.verify import VerifyStage
 
 STAGES = {s.name: s for s in (IndexStage(), EmbedPartStage(), EmbedStage(), ScoreStage(), SelectStage(),
-                              MaterializeStage(), ExpertsStage(), DistillStage(), VerifyStage())}
+                              MaterializeStage(), ExpertsStage(), DistillStage(), VerifyStage(),
+                              ReportStage())}

@@ -34,7 +34,8 @@ def test_stage_status_and_bad_budget(make_runner, digits_catalog, tmp_path):
     assert "larger than the dataset (1438 samples)" in err
     res = curate("status", "--run", run)
     lines = {line.split()[0]: line.split()[1] for line in res.stdout.strip().splitlines()}
-    assert lines["index"] == "done" and lines["embed"] == "missing" and lines["verify"] == "missing"
+    assert lines["index"] == "done" and lines["embed"] == "missing" and lines["verify/full"] == "missing"
+    assert lines["report"] == "missing"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -42,7 +43,7 @@ def test_stage_status_and_bad_budget(make_runner, digits_catalog, tmp_path):
     (["stage", "bogus", "--run", "."], None),
     (["ingest", "mnist", "--out", "x", "--name", "y"], "unknown source 'mnist'"),
     (["ingest", "idx", "--out", "x", "--name", "y", "--src", "missing-dir"], "--src missing-dir does not exist"),
-    (["report", "--run", "nowhere"], "no verify/report.json"),
+    (["report", "--run", "nowhere"], "no report/report.json"),
     (["run", "no-such.yaml"], "config no-such.yaml: no such file"),
 ])
 def test_errors_are_one_line(args, needle, tmp_path, digits_catalog):
@@ -59,3 +60,27 @@ def test_ingest_digits_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert '"train": "d/train-000000.tar"' in res.stdout
     assert (tmp_path / "d" / "sizes.json").read_text().count("000000") == 2
+
+
+def test_a_run_from_before_per_set_verify_units(make_runner, digits_catalog, tmp_path):
+    """A run directory whose verify is the one unit of old (verify/_stage.json, verify/report.json)
+    shows the per-set units and the report as missing; they are computed beside the old files."""
+    import json
+
+    r = make_runner(tmp_path / "run")
+    run = str(r.run_dir)
+    old = r.run_dir / "verify"
+    old.mkdir()
+    (old / "_stage.json").write_text(json.dumps({"stage": "verify", "unit": "verify", "stage_version": 2,
+                                                 "fingerprint": "0" * 64, "outputs": {}, "metrics": {}}))
+    (old / "report.json").write_text('{"rows": []}')
+    res = curate("status", "--run", run, "--catalog", str(digits_catalog))
+    assert res.returncode == 0, res.stderr
+    lines = {line.split()[0]: line.split()[1] for line in res.stdout.strip().splitlines()}
+    assert "verify" not in lines and lines["verify/full"] == lines["verify/random-0.2"] == lines["report"] == "missing"
+    assert "no report/report.json" in one_line_error(curate("report", "--run", run))
+    assert "report needs verify/full, which is missing" in one_line_error(
+        curate("stage", "report", "--run", run, "--catalog", str(digits_catalog)))
+    r.run("index")
+    assert r.run("verify/full")["status"] == "computed"
+    assert (old / "full" / "result.json").exists() and (old / "report.json").read_text() == '{"rows": []}'

@@ -53,11 +53,14 @@ def run(digits_catalog, tmp_path_factory) -> Runner:
 
 def test_units_and_order(run):
     units = run.units()
-    assert units.index("experts") < units.index("distill/mtt-ipc1") < units.index("verify")
+    assert units.index("experts") < units.index("distill/mtt-ipc1") < units.index("verify/mtt-ipc1")
     assert "distill/dm-ipc2" in units
     assert run.units("experts") == ["experts"]
     assert "experts" in run.inputs("distill/mtt-ipc1") and "experts" not in run.inputs("distill/dm-ipc2")
-    assert {"distill/mtt-ipc1", "distill/dm-ipc2"} <= set(run.inputs("verify"))
+    assert "distill/mtt-ipc1" in run.inputs("verify/mtt-ipc1") and "distill/dm-ipc2" in run.inputs("verify/dm-ipc2")
+    assert run.upstream("verify/random-ipc2") == ["index"]
+    # ipc_epochs concern the distilled sets and their baselines alone
+    assert "ipc_epochs" in run.unit_config("verify/random-ipc1") and "ipc_epochs" not in run.unit_config("verify/full")
     # no mtt spec: no experts unit
     cfg = load_config(fast_config(run.run_dir, distill=[DM]))
     assert Runner(cfg, run.catalog).units("experts") == []
@@ -106,7 +109,7 @@ def test_rerun_is_byte_identical(run):
 
 
 def test_verify_rows(run):
-    report = json.loads((run.run_dir / "verify" / "report.json").read_text())
+    report = json.loads((run.run_dir / "report" / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["mtt-ipc1"]["kind"] == "distilled" and rows["mtt-ipc1"]["samples"] == 10
     assert rows["mtt-ipc1"]["budget"] == 1 and rows["mtt-ipc1"]["augment"] == "dsa:flip_crop"
@@ -120,7 +123,7 @@ def test_verify_rows(run):
     # tiny sets train verify.ipc_epochs (3 here), real sets verify.epochs (2)
     assert {r["name"]: r["epochs"] for r in report["rows"]} == {
         "full": 2, "mtt-ipc1": 3, "dm-ipc2": 3, "random-ipc1": 3, "random-ipc2": 3}
-    assert "distilled and random-ipc sets 3 epochs" in (run.run_dir / "verify" / "report.md").read_text()
+    assert "distilled and random-ipc sets 3 epochs" in (run.run_dir / "report" / "report.md").read_text()
 
 
 def test_per_class_subset_is_per_class():

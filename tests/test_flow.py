@@ -20,11 +20,14 @@ def prefect_server(tmp_path_factory):
 
 
 def task_states(flow_run_id):
+    """The unit tasks of a curate flow run: they run in its `curate-units` subflow."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[c.id for c in children])))
     return {r.name: r.state.name for r in runs}
 
 
@@ -35,7 +38,7 @@ def write_config(path, run_dir, **sections):
 
 def test_flow_runs_then_is_fully_cached_with_report_artifact(prefect_server, digits_catalog, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
 
     from flows.curate import curate_flow, run_flow
 
@@ -45,21 +48,28 @@ def test_flow_runs_then_is_fully_cached_with_report_artifact(prefect_server, dig
                "experts": {"count": 1, "epochs": 2, "width": 8, "batch_size": 128, "dsa": "flip_crop"}}
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", distill=distill)
     report = run_flow(str(cfg), [], str(digits_catalog))
-    assert report.endswith("verify/report.md")
-    rows = json.loads((tmp_path / "run" / "verify" / "report.json").read_text())["rows"]
+    assert report.endswith("report/report.md")
+    rows = json.loads((tmp_path / "run" / "report" / "report.json").read_text())["rows"]
     names = ["full", "random-0.1", "stratified-0.2", "mtt-ipc1", "dm-ipc1", "random-ipc1", "random-n288"]
     assert [r["name"] for r in rows] == names
     assert rows[0]["acc_mean"] > 0.25  # one epoch on full digits: well above chance (0.1)
 
-    state = curate_flow(str(tmp_path / "run"), str(digits_catalog), return_state=True)
+    state = curate_flow(run_dir=str(tmp_path / "run"), catalog=str(digits_catalog), return_state=True)
     assert state.is_completed()
     states = task_states(state.state_details.flow_run_id)
-    assert len(states) == 10 and set(states.values()) == {"Cached"}, states  # 7 + experts + 2 distill units
+    # 6 + experts + 2 distill units + one verify unit per row + report
+    assert len(states) == 17 and set(states.values()) == {"Cached"}, states
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-report"])))
     table = json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
     assert [r["name"] for r in table] == names
+    # long units report their progress as Prefect progress artifacts, each run to 100%
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    finished = {a.description.split(":")[0]: float(a.data) for a in progress}
+    assert {"embed", "experts", "distill/mtt-ipc1", "distill/dm-ipc1", "verify/full"} <= set(finished), finished
+    assert set(finished.values()) == {100.0}, finished
 
 
 def test_dask_local_cluster_gives_same_selection(prefect_server, digits_catalog, tmp_path):

@@ -17,7 +17,7 @@ from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.ingest import ingest
 from pipeline.report import render_markdown
-from stages.verify import compare_with_full
+from stages.report import compare_with_full
 
 
 def curate(*args):
@@ -195,12 +195,12 @@ def unescape(cell: str) -> str:
 
 @pytest.fixture
 def run_dir(tmp_path):
-    (tmp_path / "run" / "verify").mkdir(parents=True)
+    (tmp_path / "run" / "report").mkdir(parents=True)
     return tmp_path / "run"
 
 
 def write_report(run_dir: Path, report) -> Path:
-    path = run_dir / "verify" / "report.json"
+    path = run_dir / "report" / "report.json"
     path.write_text(json.dumps(report))
     return path
 
@@ -211,14 +211,14 @@ def test_report_without_full_row_shows_na(run_dir):
     write_report(run_dir, report)
     res = curate("report", "--run", run_dir)
     assert res.exit_code == 0, res.output
-    md = (run_dir / "verify" / "report.md").read_text()
+    md = (run_dir / "report" / "report.md").read_text()
     table = [cells(line) for line in md.splitlines() if line.startswith("| ") and "training set" not in line]
     assert [t[0] for t in table] == ["craig-0.3", "uniform-0.3", "random-n431"]
     for t in table:
         assert t[5] != "n/a" and t[7] != "n/a"  # accuracy and training time are still there
         assert [t[6], t[8], t[10], t[11]] == ["n/a"] * 4  # rel. error, speed-ups, energy ratio
     assert "No full-data row" in md
-    assert {"accuracy_vs_budget.png", "accuracy_vs_time.png"} <= set(os.listdir(run_dir / "verify"))
+    assert {"accuracy_vs_budget.png", "accuracy_vs_time.png"} <= set(os.listdir(run_dir / "report"))
 
 
 @pytest.mark.parametrize("rows, needle", [([], "holds no training-set rows"),
@@ -251,7 +251,7 @@ def test_report_escapes_markup_in_names(run_dir):
     write_report(run_dir, report)
     res = curate("report", "--run", run_dir)
     assert res.exit_code == 0, res.output
-    md = (run_dir / "verify" / "report.md").read_text()
+    md = (run_dir / "report" / "report.md").read_text()
     assert md.startswith(r"# curate verification: \<b\>ds\|x\</b\>" + "\n")
     lines = [line for line in md.splitlines() if line.startswith("|")]
     assert len(lines) == 2 + len(report["rows"])  # no name broke a row in two
@@ -262,7 +262,7 @@ def test_report_escapes_markup_in_names(run_dir):
     assert [unescape(t[1]) for t in table] == [w.replace("\n", " ") for w in want]
     assert "<script>" not in md and "**bold**" not in md and "`code`" not in md
     for name in ("accuracy_vs_budget.png", "accuracy_vs_time.png"):
-        assert (run_dir / "verify" / name).stat().st_size > 0
+        assert (run_dir / "report" / name).stat().st_size > 0
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -271,7 +271,7 @@ def test_report_escapes_markup_in_names(run_dir):
     (None, "cannot read"),  # report.json is a folder
 ])
 def test_report_json_not_an_object(run_dir, content, needle):
-    path = run_dir / "verify" / "report.json"
+    path = run_dir / "report" / "report.json"
     if content is None:
         path.mkdir()
     else:
@@ -282,22 +282,22 @@ def test_report_json_not_an_object(run_dir, content, needle):
 
 def test_report_with_a_folder_in_the_way(run_dir):
     write_report(run_dir, honest_report())
-    (run_dir / "verify" / "report.md").mkdir()
-    (run_dir / "verify" / "report.md" / "mine.txt").write_text("mine")
+    (run_dir / "report" / "report.md").mkdir()
+    (run_dir / "report" / "report.md" / "mine.txt").write_text("mine")
     before = snapshot(run_dir)
     err = one_line_error(curate("report", "--run", run_dir))
-    assert err.startswith(f"error: {run_dir / 'verify'}: cannot write the report")
+    assert err.startswith(f"error: {run_dir / 'report'}: cannot write the report")
     assert snapshot(run_dir) == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_report_in_a_read_only_verify_folder(run_dir):
+def test_report_in_a_read_only_report_folder(run_dir):
     write_report(run_dir, honest_report())
     before = snapshot(run_dir)
-    (run_dir / "verify").chmod(0o555)
+    (run_dir / "report").chmod(0o555)
     try:
         err = one_line_error(curate("report", "--run", run_dir))
     finally:
-        (run_dir / "verify").chmod(0o755)
-    assert err.startswith(f"error: {run_dir / 'verify'}: cannot write the report (Permission denied")
+        (run_dir / "report").chmod(0o755)
+    assert err.startswith(f"error: {run_dir / 'report'}: cannot write the report (Permission denied")
     assert snapshot(run_dir) == before

@@ -16,6 +16,9 @@ from stages.learn.models import build_model
 from stages.learn.online import make_selector
 from stages.learn.trainer import Recipe, accuracy, train_classifier
 
+# a benchmark of methods against each other, not a check of the code: slow suite (CI runs it)
+pytestmark = pytest.mark.slow
+
 SEEDS = 5
 RECIPE = Recipe(epochs=10, batch_size=32, lr=0.1, schedule="step", milestones=(5,), nesterov=False)
 

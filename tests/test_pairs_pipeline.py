@@ -121,7 +121,7 @@ def test_caption_aware_selections_keep_clean_pairs(run):
 
 
 def test_verify_reports_zero_shot_and_probe(run):
-    report = json.loads((run.run_dir / "verify" / "report.json").read_text())
+    report = json.loads((run.run_dir / "report" / "report.json").read_text())
     assert report["metric"] == "zero-shot accuracy" and report["recipe"] == "clip"
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) == {"full", "clipcov-0.3", "clipscore-0.3", "sas-0.3", "clip-easy", "random-n300"}
@@ -129,7 +129,7 @@ def test_verify_reports_zero_shot_and_probe(run):
     for r in rows.values():
         assert 0 <= r["acc_mean"] <= 1 and 0.3 < r["probe_mean"] <= 1
         assert r["samples"] == (N if r["kind"] == "full" else 300)
-    md = (run.run_dir / "verify" / "report.md").read_text()
+    md = (run.run_dir / "report" / "report.md").read_text()
     assert "zero-shot acc (%)" in md and "linear probe (%)" in md and "'a photo of a {}'" in md
 
 

@@ -20,19 +20,35 @@ def statuses(results):
 
 
 def test_rerun_is_cached_and_budget_change_recomputes_only_downstream(make_runner, tmp_path):
+    """verify is one unit per training set: a changed budget retrains that selection and the random
+    baseline of its new size, and redraws the report; the full-data baseline, the other selections
+    and the baseline another selection of the old budget still needs stay cached, untouched."""
     run = tmp_path / "run"
-    first = statuses(make_runner(run).run_all())
+    select = [{"method": "random", "budget": 0.1}, {"method": "stratified", "budget": 0.2},
+              {"method": "stratified", "budget": 0.2, "name": "twin"}]
+    first = statuses(make_runner(run, select=select).run_all())
     assert set(first.values()) == {"computed"}
-    assert set(statuses(make_runner(run).run_all()).values()) == {"cached"}
+    assert [u for u in first if u.startswith(("verify", "report"))] == [
+        "verify/full", "verify/random-0.1", "verify/stratified-0.2", "verify/twin", "verify/random-0.2", "report"]
+    assert set(statuses(make_runner(run, select=select).run_all()).values()) == {"cached"}
+    ended = {u: json.loads((run / u / "_stage.json").read_text())["ended"] for u in first}
 
-    changed = make_runner(run, overrides=["select.1.budget=0.25"])
-    assert changed.state("verify") == "stale" and changed.state("select/stratified-0.25") == "missing"
+    changed = make_runner(run, select=select, overrides=["select.1.budget=0.25"])
+    assert changed.state("report") == "stale" and changed.state("verify/stratified-0.25") == "missing"
+    assert changed.state("verify/full") == "done" and changed.state("verify/random-0.2") == "done"
     got = statuses(changed.run_all())
-    assert got == {"index": "cached", "embed": "cached", "select/random-0.1": "cached",
-                   "select/stratified-0.25": "computed", "materialize/random-0.1": "cached",
-                   "materialize/stratified-0.25": "computed", "verify": "computed"}
-    report = json.loads((run / "verify" / "report.json").read_text())
-    assert [r["name"] for r in report["rows"]] == ["full", "random-0.1", "stratified-0.25", "random-n360"]
+    assert {u for u, s in got.items() if s == "computed"} == {
+        "select/stratified-0.25", "materialize/stratified-0.25", "verify/stratified-0.25", "verify/random-0.25",
+        "report"}
+    assert {u for u, s in got.items() if s == "cached"} == {
+        "index", "embed", "select/random-0.1", "select/twin", "materialize/random-0.1", "materialize/twin",
+        "verify/full", "verify/random-0.1", "verify/twin", "verify/random-0.2"}
+    for unit, status in got.items():
+        if status == "cached":  # not rewritten: the same record, the same end time
+            assert json.loads((run / unit / "_stage.json").read_text())["ended"] == ended[unit], unit
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["full", "random-0.1", "stratified-0.25", "twin",
+                                                   "random-n360", "random-n288"]
 
 
 def test_dataset_change_makes_everything_stale(make_runner, catalog_copy, tmp_path):

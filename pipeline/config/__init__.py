@@ -23,7 +23,7 @@ from .flow import FlowConfig
 from .index import IndexConfig
 from .load import DEMO_CONFIG, apply_override, load_config
 from .materialize import MaterializeConfig
-from .run import RunConfig
+from .run import RunConfig, VerifySet
 from .score import ScoreConfig
 from .select import (CAPTION_METHODS, FEATURES, GROUPS, SELECT_METHODS, SELECT_SPECS, SPEC_TYPES, AnySpec,
                      CcsSpec, ClipCovSpec, ClipScoreSpec, CraigSpec, DedupSpec, DifficultySpec, GradMatchSpec,
@@ -37,6 +37,6 @@ __all__ = [
     "FEATURES", "FlowConfig", "GROUPS", "GradMatchSpec", "IndexConfig", "MaterializeConfig", "MttSpec",
     "ONLINE_METHODS", "OnlineSpec", "RandomSpec", "RunConfig", "SAFE_NAME", "SCORE_METHODS", "SELECT_METHODS",
     "SELECT_SPECS", "SPEC_TYPES", "SasSpec", "ScoreConfig", "Section", "SelectSpec", "StratifiedSpec",
-    "VALIDATED_SCORES", "VALUE_SCORES", "VerifyConfig", "apply_override", "check_budget", "check_dsa",
+    "VALIDATED_SCORES", "VALUE_SCORES", "VerifyConfig", "VerifySet", "apply_override", "check_budget", "check_dsa",
     "check_names", "expand_budgets", "load_config",
 ]

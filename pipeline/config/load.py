@@ -3,6 +3,7 @@ as YAML), and validation errors told in one line (`config: select.0.budget: ...`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,10 @@ def one_line(exc: ValidationError) -> str:
 
 
 def load_config(source: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Config from a YAML path, a dict, or the embedded demo; then `--set` overrides."""
+    """Config from a YAML path, a dict, or the embedded demo; then `--set` overrides.
+
+    A relative `run:` in a config file is relative to that file's folder (a scheduled run's
+    working directory is the worker's, not yours); in a dict or the demo, to the current one."""
     if source is None:
         raw = yaml.safe_load(yaml.safe_dump(DEMO_CONFIG))
     elif isinstance(source, dict):
@@ -85,6 +89,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
             raise CurateError(f"config {p}: not valid YAML: {str(exc).splitlines()[0]}") from None
     for assignment in overrides:
         apply_override(raw, assignment)
+    if isinstance(source, (str, Path)) and isinstance(raw, dict) and isinstance(raw.get("run"), str):
+        raw["run"] = os.path.normpath(Path(source).absolute().parent / raw["run"])
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import CurateError
@@ -16,6 +18,42 @@ from .materialize import MaterializeConfig
 from .score import ScoreConfig
 from .select import AnySpec, SelectSpec
 from .verify import VerifyConfig
+
+
+@dataclass(frozen=True)
+class VerifySet:
+    """One training set verify compares, trained by its own unit `verify/<name>`.
+
+    Random baselines: `random-ipc<k>` beside distilled sets of k images per class, and one
+    random subset per budget of the run's selections and online methods (none where a
+    `random` selection has that budget), named by the size as far as the config knows it:
+    `random-n<k>` for a count k, `random-<fraction>` for a fraction (its size needs the pool),
+    `random-<sel>` for a selection without a budget (dedup, a clipscore threshold: its size is
+    what it kept). The report names every random subset of k samples `random-n<k>`.
+    """
+
+    name: str
+    kind: str  # full | selection | online | distilled | random
+    spec: object = None  # the SelectSpec, OnlineSpec or DistillSpec it trains on
+    budget: int | float | None = None  # random: a count or a fraction of the pool
+    ipc: int | None = None  # random: this many per class
+    like: str | None = None  # random: as many samples as this selection holds
+
+
+def random_baselines(cfg: "RunConfig") -> list[VerifySet]:
+    if not cfg.verify.random_baseline:
+        return []
+    out = [VerifySet(f"random-ipc{k}", "random", ipc=k) for k in dict.fromkeys(d.ipc for d in cfg.distill.specs)]
+    key = lambda b: (isinstance(b, int), b)  # noqa: E731  a count 1 is not the fraction 1.0
+    seen = {key(s.budget) for s in cfg.select if s.method == "random"}  # the selection is the baseline
+    for s in [*cfg.select, *cfg.verify.online]:
+        if s.budget is None:
+            out.append(VerifySet(f"random-{s.sel_name}", "random", like=s.sel_name))
+        elif key(s.budget) not in seen:
+            seen.add(key(s.budget))
+            name = f"random-n{s.budget}" if isinstance(s.budget, int) else f"random-{s.budget}"
+            out.append(VerifySet(name, "random", budget=s.budget))
+    return out
 
 
 class RunConfig(Section):
@@ -66,6 +104,11 @@ class RunConfig(Section):
                              "(set 'name' on one)")
         check_names("distill", dnames)
         check_names("selection", names)
+        sets = [s.name for s in self.verify_sets()]
+        clash = sorted({n for n in sets if sets.count(n) > 1})
+        if clash:
+            raise ValueError(f"{clash[0]!r} names two of verify's training sets (the full data, a random baseline "
+                             "and a selection, online method or distilled set): set 'name' on yours")
         weighted = [s.sel_name for s in self.select if s.weights]
         if self.verify.recipe == "clip" and weighted:
             raise ValueError(f"selection {weighted[0]!r} has coreset weights, which verify.recipe clip does not "
@@ -80,6 +123,20 @@ class RunConfig(Section):
             if score is not None and score not in self.score.methods:
                 raise ValueError(f"select.{i}.score: '{score}' is not computed; add it to score.methods")
         return self
+
+    def verify_sets(self) -> list[VerifySet]:
+        """verify's training sets in report order: full data, selections, online methods,
+        distilled sets, then the random baselines."""
+        return ([VerifySet("full", "full")] + [VerifySet(s.sel_name, "selection", s) for s in self.select]
+                + [VerifySet(o.sel_name, "online", o) for o in self.verify.online]
+                + [VerifySet(d.sel_name, "distilled", d) for d in self.distill.specs] + random_baselines(self))
+
+    def verify_set(self, name: str) -> VerifySet:
+        for s in self.verify_sets():
+            if s.name == name:
+                return s
+        have = ", ".join(s.name for s in self.verify_sets())
+        raise CurateError(f"config: verify has no training set named '{name}' (one unit per set: {have})")
 
     def selection(self, name: str) -> SelectSpec:
         for s in self.select:

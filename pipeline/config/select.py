@@ -57,30 +57,31 @@ FEATURES = Literal["gradients", "bias_gradients", "embeddings"]  # last-layer gr
 GRADIENT_NEEDS = frozenset({"embeddings", "gradients"})
 
 
-class CraigSpec(SelectSpec):
+class GradientCoresetSpec(SelectSpec):
+    """craig and gradmatch: weighted coresets whose gradient sum matches the pool's."""
+
     needs = GRADIENT_NEEDS
     weights = True
-    method: Literal["craig"]
     features: FEATURES = "gradients"
+    device: DEVICE = "auto"
+
+
+class CraigSpec(GradientCoresetSpec):
+    method: Literal["craig"]
     metric: Literal["euclidean", "cosine"] = "euclidean"
     optimizer: Literal["lazy", "stochastic"] = "stochastic"
     eps: float = Field(0.01, gt=0, lt=1)  # stochastic greedy: (1 - 1/e - eps) in expectation
     graph: Literal["auto", "dense", "sparse"] = "auto"
     dense_max: int = Field(10000, ge=1)  # auto: a class larger than this gets the sparse k-NN graph
     knn: int = Field(32, ge=1)
-    device: DEVICE = "auto"
 
 
-class GradMatchSpec(SelectSpec):
-    needs = GRADIENT_NEEDS
-    weights = True
+class GradMatchSpec(GradientCoresetSpec):
     method: Literal["gradmatch"]
-    features: FEATURES = "gradients"
     per: Literal["class", "batch"] = "class"
     batch_size: int = Field(32, ge=1)  # per: batch
     lam: float = Field(0.05, ge=0)  # ridge on the weights, for gradients scaled to unit mean norm
     tol: float = Field(1e-5, gt=0)  # stop when ||residual|| / ||target|| <= tol (small: OMP usually fills the budget)
-    device: DEVICE = "auto"
 
 
 class DifficultySpec(SelectSpec):

@@ -56,8 +56,6 @@ class EmbedStage(Stage):
             return self.run_open_clip(ctx)
         if ctx.config["method"] == "proxy_clip":
             return self.run_proxy_clip(ctx)
-        from tqdm import tqdm
-
         c = ctx.config
         pool, images = ctx.index_arrays(c["image_size"])
         labels = pool.labels
@@ -67,10 +65,10 @@ class EmbedStage(Stage):
         val_images = ctx.index_arrays(c["image_size"], "val")[1] if has_val else None
         n_classes = num_classes_of(ctx.entry, labels)
         arch = proxy_arch(c["arch"], min(images.shape[2:]))
-        with tqdm(total=c["epochs"] * c["seeds"], desc="embed: proxy epochs", disable=None) as bar:
+        with ctx.progress(c["epochs"] * c["seeds"], "embed: proxy epochs") as step:
             out = train_proxy(images, labels, num_classes=n_classes, epochs=c["epochs"], seeds=c["seeds"],
                               width=c["width"], batch_size=c["batch_size"], lr=c["lr"], seed=c["seed"],
-                              device=ctx.device, arch=arch, extra_images=val_images, progress=bar.update)
+                              device=ctx.device, arch=arch, extra_images=val_images, progress=step)
         feats = out["feats"].astype(np.float32)
         if not np.isfinite(feats).all() or not np.isfinite(out["probs"]).all():
             raise CurateError("embed proxy: training diverged (non-finite outputs); lower embed.lr")
@@ -93,8 +91,6 @@ class EmbedStage(Stage):
         """Train a small CLIP on the pool's pairs (stages.learn.clip), then embed both towers with it:
         embeddings.npy (images), text_embeddings.npy (captions), image_views.npy (mean over
         `views` augmented views, for SAS), the same for val; clip.safetensors + .json keep it."""
-        from tqdm import tqdm
-
         from stages.learn.clip import build_clip, embed_images, embed_texts, save_clip, tokenize, train_clip
         from stages.learn.clip.settings import captions_of, clip_arch, clip_recipe
 
@@ -103,9 +99,9 @@ class EmbedStage(Stage):
         tokens, truncated = tokenize(captions_of(pool.table, "embed proxy_clip"), c["clip"]["context"])
         arch = clip_arch(c["clip"])
         model = build_clip(arch, tuple(images.shape[2:]), seed=c["seed"])
-        with tqdm(total=c["clip"]["epochs"], desc="embed: proxy CLIP epochs", disable=None) as bar:
+        with ctx.progress(c["clip"]["epochs"], "embed: proxy CLIP epochs") as step:
             fit = train_clip(model, images, tokens, recipe=clip_recipe(c["clip"]), seed=c["seed"], device=ctx.device,
-                             progress=bar.update)
+                             progress=step)
         if not np.isfinite(fit["final_loss"]):
             raise CurateError("embed proxy_clip: training diverged (non-finite loss); lower embed.clip.lr")
         model.eval()
@@ -163,14 +159,14 @@ class EmbedStage(Stage):
 
 def encode_table(model, preprocess, tokenizer, path, c: dict, device):
     """(image embeddings, text embeddings or None) of the rows of one parquet table."""
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     from stages.embed.open_clip import encode_images, encode_texts
 
     n = read_parquet(path, ["row"]).num_rows
-    with tqdm(total=n, desc=f"embed: open_clip {path.parent.name}/{path.name}", unit=" img", disable=None) as bar:
+    with progress(n, f"embed: open_clip {path.parent.name}/{path.name}", unit=" img") as step:
         emb = encode_images(model, preprocess, path, device=device, batch_size=c["batch_size"],
-                            num_workers=c["num_workers"], progress=bar.update)
+                            num_workers=c["num_workers"], progress=step)
     captions = read_parquet(path, ["caption"]).column("caption").to_pylist()
     txt = None
     if any(cap is not None for cap in captions):

@@ -1,13 +1,14 @@
-"""verify: one fixed, fair protocol over every training set of the run; compare on the test split.
+"""verify: one fixed, fair protocol over every training set of the run; each set is one unit.
 
-Training sets: the full training split, every materialized selection (weighted loss
-from its manifest), a random subset of every budget in the run, every online
-method of `verify.online` (selection inside the trainer), and every distilled set (its
-learned lr and DSA kinds) beside `random-ipc<k>`: k random real images per class. Each gets the same recipe,
-epochs and seeds; report.json / report.md / PNG plots give test accuracy (mean, std),
-relative error vs full data (subset error - full error), training and end-to-end
-speed-up (curation cost from the upstream units' records, handed in by the runner) and, on a GPU
-with NVML, the training energy ratio.
+Training sets (pipeline.config.VerifySet, one unit `verify/<set>` each): the full training
+split, every materialized selection (weighted loss from its manifest), a random subset of
+every budget in the run, every online method of `verify.online` (selection inside the
+trainer), and every distilled set (its learned lr and DSA kinds) beside `random-ipc<k>`: k
+random real images per class. Each gets the same recipe, epochs and seeds, and writes
+`result.json`: its report row (test accuracy mean and std, training seconds, curation cost
+from the upstream units' records, energy on a GPU with NVML) and every seed's training.
+A unit reads only what its set needs, so a changed budget retrains that set alone; the
+`report` stage compares them with full data.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from pipeline.shards import check_safe, decode_label, iter_shard
 from pipeline.stage import Resources, Stage, StageContext
 
 from stages.learn.models import build_model
-from pipeline.report import plot_report, render_markdown
-from pipeline.sampling import random_subset
+from pipeline.sampling import budget_count, random_subset
 
 
 def load_test_split(ctx: StageContext, image_size: int | None):
@@ -84,43 +84,39 @@ def per_class_subset(labels: np.ndarray, ipc: int, seed: int) -> np.ndarray:
     return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:ipc] for c in np.unique(labels[labels >= 0])])
 
 
-def training_sets(ctx: StageContext, n_full: int, labels: np.ndarray | None = None) -> list[TrainingSet]:
-    sets = [TrainingSet("full", "full", "full", 1.0, curation={})]
-    sizes_with_random, sizes = set(), []
-    for spec in ctx.cfg.select:
+def training_set(ctx: StageContext, vs, labels: np.ndarray) -> TrainingSet:
+    """What the unit's set (a pipeline.config.VerifySet) trains on, read from its upstream units."""
+    n_full = len(labels)
+    if vs.kind == "full":
+        return TrainingSet("full", "full", "full", 1.0, curation={})
+    if vs.kind == "selection":
+        spec = vs.spec
         manifest = read_parquet(ctx.input_dir(f"materialize/{spec.sel_name}") / "manifest.parquet")
-        rows = manifest.column("row").to_numpy()
-        cost = curation_cost(ctx, f"select/{spec.sel_name}")
-        sets.append(TrainingSet(spec.sel_name, "selection", spec.method, spec.budget, rows,
-                                manifest.column("weight").to_numpy(), curation=cost))
-        sizes.append(len(rows))
-        if spec.method == "random":
-            sizes_with_random.add(len(rows))
-    for spec in ctx.config["online"]:
-        sets.append(TrainingSet(spec["sel_name"], "online", spec["label"], spec["budget"], online=spec, curation={}))
-        sizes.append(max(1, int(round(spec["budget"] * n_full))))
-    ipcs = []
-    for spec in ctx.cfg.distill.specs:
+        return TrainingSet(spec.sel_name, "selection", spec.method, spec.budget, manifest.column("row").to_numpy(),
+                           manifest.column("weight").to_numpy(), curation=curation_cost(ctx, f"select/{spec.sel_name}"))
+    if vs.kind == "online":
+        spec = ctx.config["online"]
+        return TrainingSet(spec["sel_name"], "online", spec["label"], spec["budget"], online=spec, curation={})
+    if vs.kind == "distilled":
         from stages.learn.augment import parse_kinds
 
+        spec = vs.spec
         d = ctx.input_dir(f"distill/{spec.sel_name}")
         x, y = read_distilled(d)
         kinds = "_".join(parse_kinds(spec.dsa))
-        sets.append(TrainingSet(spec.sel_name, "distilled", spec.method, spec.ipc, data=(x, y), lr=learned_lr(d),
-                                augment=f"dsa:{kinds}" if kinds else None,
-                                curation=curation_cost(ctx, f"distill/{spec.sel_name}")))
-        if spec.ipc not in ipcs:
-            ipcs.append(spec.ipc)
-    if ctx.config["random_baseline"]:
-        counts = np.bincount(labels[labels >= 0]) if labels is not None else np.ones(1, np.int64)
-        for k in ipcs:
-            n = int(np.minimum(counts[counts > 0], k).sum())
-            sets.append(TrainingSet(f"random-ipc{k}", "random", "random", k, np.arange(n), ipc=k, curation={}))
-        for k in sizes:
-            if k not in sizes_with_random:
-                sizes_with_random.add(k)
-                sets.append(TrainingSet(f"random-n{k}", "random", "random", k, np.arange(k), curation={}))
-    return sets
+        return TrainingSet(spec.sel_name, "distilled", spec.method, spec.ipc, data=(x, y), lr=learned_lr(d),
+                           augment=f"dsa:{kinds}" if kinds else None,
+                           curation=curation_cost(ctx, f"distill/{spec.sel_name}"))
+    if vs.ipc:
+        counts = np.bincount(labels[labels >= 0])
+        n = int(np.minimum(counts[counts > 0], vs.ipc).sum())
+        return TrainingSet(f"random-ipc{vs.ipc}", "random", "random", vs.ipc, np.arange(n), ipc=vs.ipc, curation={})
+    if vs.like is not None:  # a selection without a budget: as many as it kept
+        chosen = read_parquet(ctx.input_dir(f"select/{vs.like}") / "selection.parquet", ["selected"])
+        k = int(np.count_nonzero(chosen.column("selected").to_numpy(zero_copy_only=False)))
+    else:
+        k = budget_count(vs.budget, n_full)
+    return TrainingSet(f"random-n{k}", "random", "random", k, np.arange(k), curation={})
 
 
 def subset_images(ctx: StageContext, sel_name: str, image_size):
@@ -223,22 +219,11 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
     return row
 
 
-def compare_with_full(rows: list[dict]) -> None:
-    """Relative error, speed-ups and energy ratio of every row against the full-data row."""
-    full = rows[0]
-    for r in rows:
-        r["rel_error"] = (1 - r["acc_mean"]) - (1 - full["acc_mean"])
-        r["speedup"] = full["train_seconds"] / max(r["train_seconds"], 1e-9)
-        r["e2e_seconds"] = r["curation_seconds"] + r["train_seconds"]
-        r["e2e_speedup"] = full["train_seconds"] / max(r["e2e_seconds"], 1e-9)
-        r["energy_ratio"] = (r["energy_j"] / full["energy_j"]
-                             if r["energy_j"] is not None and full["energy_j"] else None)
-
-
 class Journal:
-    """Finished trainings of one verify fingerprint, one JSON line each, so that a killed or
-    failed verify resumes where it stopped instead of training everything again. Each
-    training seeds itself, so a resumed report has the same accuracies as an unbroken one."""
+    """Finished trainings of one verify unit's fingerprint (one per seed), one JSON line each,
+    so that a killed or failed unit resumes where it stopped instead of training every seed
+    again. Each training seeds itself, so a resumed result has the same accuracies as an
+    unbroken one."""
 
     def __init__(self, path):
         self.path = path
@@ -264,68 +249,84 @@ class Journal:
         return fit
 
     def close(self) -> None:
-        """The report holds it all now."""
+        """The unit's result.json holds it all now."""
         self.path.unlink(missing_ok=True)
 
 
 class VerifyStage(Stage):
     name = "verify"
-    version = 2
+    version = 3
     resources = Resources(cpus=1, gpus=1)  # trains or runs a network
 
+    def units(self, cfg):
+        return [f"{self.name}/{s.name}" for s in cfg.verify_sets()]
+
+    def item(self, cfg, name):
+        return cfg.verify_set(name)
+
     def config(self, cfg, sel, entry=None):
-        # the CLIP settings only for recipe clip: changing them must not retrain a classifier run
-        skip = set() if cfg.verify.recipe == "clip" else {"clip", "prompts"}
-        c = {"seed": cfg.seed, **cfg.verify.model_dump(exclude=skip)}
-        c["online"] = [{**o.model_dump(), "sel_name": o.sel_name, "label": o.label} for o in cfg.verify.online]
+        """The protocol, and what this set alone adds: a change to another set leaves it cached."""
+        skip = {"online", "random_baseline"}
+        if cfg.verify.recipe != "clip":  # the CLIP settings: changing them must not retrain a classifier
+            skip |= {"clip", "prompts"}
+        if not (sel.kind == "distilled" or sel.ipc):
+            skip.add("ipc_epochs")
+        c = {"seed": cfg.seed, "set": sel.name, **cfg.verify.model_dump(exclude=skip)}
+        if sel.kind == "online":
+            c["online"] = {**sel.spec.model_dump(), "sel_name": sel.spec.sel_name, "label": sel.spec.label}
+        if sel.kind == "random":
+            c["random"] = {"budget": sel.budget, "ipc": sel.ipc, "like": sel.like}
         return c
 
     def upstream(self, cfg, sel):
-        return (["index"] + [f"materialize/{s.sel_name}" for s in cfg.select]
-                + [f"distill/{s.sel_name}" for s in cfg.distill.specs])
+        if sel.kind == "selection":
+            return ["index", f"materialize/{sel.name}"]
+        if sel.kind == "distilled":
+            return ["index", f"distill/{sel.name}"]
+        return ["index"] + ([f"select/{sel.like}"] if sel.like is not None else [])
 
     def external_inputs(self, cfg, sel, entry=None):
         return [(cfg.dataset, "test")]
 
     def run(self, ctx: StageContext) -> None:
-        from tqdm import tqdm
-
         c = ctx.config
-        pool, images = ctx.index_arrays(c["image_size"])
-        index, labels = pool.table, pool.labels
+        pool = ctx.index()
+        labels = pool.labels
         test = load_test_split(ctx, c["image_size"])
         n_classes = num_classes_of(ctx.entry, labels)
-        sets = training_sets(ctx, len(labels), labels)
+        ts = training_set(ctx, ctx.sel, labels)
+        # the pool's pixels where this set trains on them, or a CLIP's linear probe reads them
+        images = ctx.images(pool.table, c["image_size"]) if c["recipe"] == "clip" or ts.kind in (
+            "full", "random", "online") else None
+        rows_of_x = ts.rows if ts.kind == "selection" else None  # index rows of x (None: all, or synthetic)
+        if ts.kind == "selection":
+            x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
+        elif ts.kind == "distilled":
+            x, y = ts.data
+            shape = ctx.images(pool.table.slice(0, 1), c["image_size"]).shape[1:]
+            if x.shape[1:] != shape:
+                raise CurateError(f"verify {ts.name}: distilled images are {x.shape[1:]}, the pool's "
+                                  f"{shape}: rerun distill with verify's image_size")
+        else:
+            x, y = images, labels
+        info = {"set": ts.name, "device": str(ctx.device), "train_samples": int(len(labels)),
+                "test_samples": int(len(test[1]))}
         if c["recipe"] == "clip":  # image-caption pairs: a CLIP per set, zero-shot + linear probe
             from stages.verify.clip import ClipTrainer
 
             train = ClipTrainer(ctx, images, labels, test)
-            extra = {"metric": "zero-shot accuracy", "captions_truncated": train.truncated, "prompts": c["prompts"],
-                     "clip": c["clip"]}
+            info.update(metric="zero-shot accuracy", captions_truncated=train.truncated)
         else:
-            check_input_size(c["recipe"], images.shape[1:])
+            check_input_size(c["recipe"], x.shape[1:])
             meter = EnergyMeter(ctx.device)
-            warm_up(c, images, labels, n_classes, ctx.device)
-            extra = {"metric": "test accuracy"}
+            warm_up(c, x, y, n_classes, ctx.device)
+            info["metric"] = "test accuracy"
 
             def train(ts, x, y, rows, seed):
                 return train_once(c, ts, x, y, test, n_classes, seed, ctx.device, meter)
         journal = Journal(ctx.run_dir / ".verify-progress" / f"{ctx.fingerprint}.jsonl")
-        rows = []
-        bar = tqdm(total=len(sets) * c["seeds"], desc="verify: trainings", disable=None,
-                   initial=len(journal.done))
-        for ts in sets:
-            rows_of_x = ts.rows if ts.kind == "selection" else None  # index rows of x (None: all, or synthetic)
-            if ts.kind == "selection":
-                x, y = subset_images(ctx, ts.name, c["image_size"]), labels[ts.rows]
-            elif ts.kind == "distilled":
-                x, y = ts.data
-                if x.shape[1:] != images.shape[1:]:
-                    raise CurateError(f"verify {ts.name}: distilled images are {x.shape[1:]}, the pool's "
-                                      f"{images.shape[1:]}: rerun distill with verify's image_size")
-            else:
-                x, y = images, labels
-            fits = []
+        fits = []
+        with ctx.progress(c["seeds"], f"verify {ts.name}: trainings") as step:
             for s in range(c["seeds"]):
                 fit = journal.get(ts.name, s)
                 if fit is None:
@@ -334,23 +335,11 @@ class VerifyStage(Stage):
                                  random_subset(len(labels), len(ts.rows), c["seed"] + 7919 + s))
                         x, y, rows_of_x = images[drawn], labels[drawn], drawn
                     fit = journal.add(ts.name, s, train(ts, x, y, rows_of_x, c["seed"] + s))
+                step(1)
                 fits.append(fit)
-                bar.update(1)
-            rows.append(summarise(ts, fits, len(labels)))
-        bar.close()
-        compare_with_full(rows)
-        report = {**extra, "dataset": ctx.cfg.dataset, "recipe": c["recipe"],
-                  "epochs": c["clip"]["epochs"] if c["recipe"] == "clip" else c["epochs"], "seeds": c["seeds"],
-                  "device": str(ctx.device), "train_samples": int(len(labels)), "test_samples": int(len(test[1])),
-                  "protocol": {k: c[k] for k in ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                                                 "milestones", "gamma", "augment", "bf16", "channels_last", "width", "ipc_epochs")},
-                  "rows": rows}
-        (ctx.out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        (ctx.out / "report.md").write_text(render_markdown(report))
-        try:
-            plot_report(report, ctx.out)
-        except Exception as exc:  # the trainings are worth more than their pictures
-            print(f"verify: plots not drawn ({type(exc).__name__}: {exc}); `curate report --run DIR` redraws them")
-        ctx.metrics.update({r["name"]: round(r["acc_mean"], 4) for r in rows})
-        ctx.metrics["resumed_trainings"] = journal.resumed
+        row = summarise(ts, fits, len(labels))
+        result = {**info, "row": row, "trainings": fits}
+        (ctx.out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        ctx.metrics.update({"acc_mean": round(row["acc_mean"], 4), "samples": row["samples"],
+                            "resumed_trainings": journal.resumed})
         journal.close()

@@ -115,8 +115,9 @@ def train_expert(images: np.ndarray, labels: np.ndarray, *, arch: str, in_shape,
 def train_experts(images: np.ndarray, labels: np.ndarray, *, arch: str, in_shape, num_classes: int, width: int,
                   experts: int, epochs: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                   batch_size: int, seed: int, device: torch.device, out_dir: Path, meta: dict,
-                  augment: Callable | None = None) -> list[Path]:
+                  augment: Callable | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
     """Train `experts` trajectories into `out_dir`; returns the paths of expert_0 .. expert_{E-1}.
+    `progress(1)` is called after each expert (kept or trained).
 
     `meta` is stored with each expert; its "dataset" entry (the training data's fingerprint)
     is what `load_buffer(dataset=...)` checks. A file whose metadata equals this call's
@@ -136,6 +137,8 @@ def train_experts(images: np.ndarray, labels: np.ndarray, *, arch: str, in_shape
                             seed=seed + e, expert=e, param_count=count, meta=meta)
         if path.exists() and _read_meta(path) == want:
             paths.append(path)
+            if progress:
+                progress(1)
             continue
         traj = train_expert(images, labels, arch=arch, in_shape=in_shape, num_classes=num_classes, width=width,
                             epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -149,6 +152,8 @@ def train_experts(images: np.ndarray, labels: np.ndarray, *, arch: str, in_shape
         finally:
             tmp.unlink(missing_ok=True)
         paths.append(path)
+        if progress:
+            progress(1)
     return paths
 
 
