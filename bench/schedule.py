@@ -89,7 +89,8 @@ def main() -> None:
             print(f"| `curate stage` for every stage, one after another | {stage_s:.1f} |")
             print(f"| ratio flow / stages | {flow_s / stage_s:.2f} |\n")
 
-            serve = subprocess.Popen([curate, "serve", str(tmp / "demo.yaml"), "--name", "bench", "--interval", "30"],
+            serve = subprocess.Popen([curate, "serve", str(tmp / "demo.yaml"), "--name", "bench", "--interval", "30",
+                                      "--catalog", str(ROOT / "data_catalog.yaml")],
                                      env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 done: list[dict] = []
@@ -104,7 +105,8 @@ def main() -> None:
                     done = [r for r in runs if r["start_time"] and r["state_type"] in ("COMPLETED", "RUNNING")]
                 lat = sorted(when(r["start_time"]) - when(r["expected_start_time"]) for r in done)
                 print(f"served deployment, every 30 s: {len(lat)} run(s) started "
-                      + ", ".join(f"{x:.1f}" for x in lat) + " s after their scheduled time")
+                      + ", ".join(f"{x:.1f}" for x in lat) + " s after their scheduled time; states: "
+                      + ", ".join(sorted(r["state_type"] for r in runs if r["state_type"] != "SCHEDULED")))
             finally:
                 serve.send_signal(signal.SIGTERM)
                 serve.wait(60)

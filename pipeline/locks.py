@@ -181,6 +181,7 @@ _critical_owner: int | None = None
 _pending = False
 _terminating = False
 _previous = None  # the SIGTERM handler installed before ours
+_owner_pid: int | None = None  # the process that installed it (a forked child, e.g. a DataLoader worker, inherits it)
 
 
 def track_tmp(path: Path) -> None:
@@ -233,17 +234,21 @@ def _terminate() -> None:
 
 def install_sigterm_handler() -> None:
     """Stop cleanly on SIGTERM (see the module docstring); main thread only."""
-    global _previous
+    global _previous, _owner_pid
     if threading.current_thread() is not threading.main_thread():
         return
     current = signal.getsignal(signal.SIGTERM)
     if current is not _on_sigterm:
-        _previous = current
+        _previous, _owner_pid = current, os.getpid()
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _on_sigterm(signum, frame) -> None:
     global _pending
+    if os.getpid() != _owner_pid:  # a forked child: it holds none of our locks; die as it would have
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     if _critical_owner == threading.get_ident():
         _pending = True  # interrupting our own rename: finish it, then stop
         return

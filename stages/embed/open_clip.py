@@ -50,7 +50,10 @@ def encode_images(model, preprocess, manifest_path, *, device: torch.device, bat
     ds = ManifestDataset(manifest_path, transform=_Preprocessed(preprocess))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=_collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         # forkserver: a forked worker inherits this process's threads (Prefect's
+                                         # event loops, Dask's) and died at exit with code 1 after a flow had run
+                                         multiprocessing_context="forkserver" if num_workers else None)
     out = []
     for x in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -8,7 +8,7 @@ from pipeline.catalog import Catalog
 from pipeline.errors import CurateError
 from pipeline.ingest import ingest, read_idx_arrays
 from pipeline.shards import decode_image, decode_label, iter_shard
-from tests.conftest import FMNIST
+from tests.helpers import FMNIST
 
 
 def read_split(cat: Catalog, name: str, split: str):

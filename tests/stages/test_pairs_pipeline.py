@@ -20,7 +20,7 @@ from pipeline.ingest import FMNIST_CLASSES, ingest, pair_captions
 from pipeline.manifest import read_parquet
 from pipeline.runner import Runner
 
-from tests.conftest import FMNIST, files_under
+from tests.helpers import FMNIST, files_under
 
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs ../shared/datasets/fashion-mnist")
 

@@ -5,7 +5,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import CurateError
 from pipeline.sampling import budget_count, proportional_allocation, stratified_subset
-from tests.conftest import fast_config
+from tests.helpers import fast_config
 
 
 def test_budget_counts_and_out_of_range():

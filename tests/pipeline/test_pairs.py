@@ -12,7 +12,7 @@ from pipeline.ingest import (FMNIST_CLASSES, PAIR_ADJECTIVES, PAIR_TEMPLATES, in
                              read_idx_arrays)
 from pipeline.shards import ShardWriter, decode_image, decode_label, encode_png, iter_shard
 from stages.index import check_sample
-from tests.conftest import FMNIST
+from tests.helpers import FMNIST
 
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="shared Fashion-MNIST not present")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import files_under
+from tests.helpers import files_under
 
 CURATE = [sys.executable, "-m", "pipeline.cli"]
 

@@ -14,8 +14,8 @@ from pipeline.errors import CurateError
 from pipeline.runner import Runner
 from stages.kernels.coresets.gradmatch import matching_error
 from stages.kernels.coresets.features import last_layer
-from tests.conftest import fast_config, rerecord
-from tests.test_index import rewrite_shard
+from tests.helpers import fast_config, rerecord
+from tests.helpers import rewrite_shard
 
 SELECT = [
     {"method": "dedup", "eps": 0.0005},

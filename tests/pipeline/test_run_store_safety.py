@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.errors import CurateError
-from tests.conftest import fast_config
+from tests.helpers import fast_config
 
 CURATE = [sys.executable, "-m", "pipeline.cli"]
 

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import FMNIST, REPO
+from tests.helpers import FMNIST, REPO
 
 
 @pytest.mark.slow

@@ -9,21 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import CurateError
+from tests.helpers import rewrite_shard
 from pipeline.shards import iter_shard
-
-
-def rewrite_shard(path: Path, edit) -> None:
-    """Rewrite a shard with `edit(key, members) -> (key, members)` applied to every sample."""
-    samples = list(iter_shard(path))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for s in samples:
-            key, members = edit(s.key, dict(s.members))
-            for ext, data in sorted(members.items()):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
 
 
 def shard(cat: Path, i: int) -> Path:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from tests.conftest import digits_split
+from tests.helpers import digits_split
 from stages.learn.distill import experts as ex
 from stages.learn.distill.experts import flat_params, load_buffer, param_shapes, train_experts, unflatten
 from stages.learn.distill.mtt import distill_mtt

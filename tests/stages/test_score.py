@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.errors import CurateError
 from stages.kernels.scores.dynamics import auroc
-from tests.conftest import rerecord
-from tests.test_index import rewrite_shard
+from tests.helpers import rerecord
+from tests.helpers import rewrite_shard
 
 METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence"]
 
@@ -39,7 +39,7 @@ def scored(noisy, tmp_path_factory):
     from pipeline.catalog import Catalog
     from pipeline.config import load_config
     from pipeline.runner import Runner
-    from tests.conftest import fast_config
+    from tests.helpers import fast_config
 
     cat, flipped = noisy
     cfg = load_config(fast_config(tmp_path_factory.mktemp("run") / "r", embed={"epochs": 6, "seeds": 2},

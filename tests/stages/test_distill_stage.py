@@ -22,7 +22,7 @@ from pipeline.runner import Runner
 from pipeline.data import read_distilled
 from stages.distill import CACHE
 
-from tests.conftest import fast_config, files_under, rerecord
+from tests.helpers import fast_config, files_under, rerecord
 
 EXPERTS = {"count": 2, "epochs": 3, "lr": 0.05, "batch_size": 128, "width": 16, "dsa": "flip_crop"}
 MTT = {"method": "mtt", "ipc": 1, "iterations": 10, "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 1,

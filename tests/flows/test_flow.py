@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import fast_config
+from tests.helpers import fast_config
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from pipeline.methods import (DSA_DEFAULT, DSA_KINDS, NEEDS, ONLINE, ONLINE_METH
                               VALIDATED_SCORES, VALUE_SCORES, online_methods)
 from pipeline.sampling import budget_count, budget_problem
 from stages.registry import STAGES
-from tests.conftest import fast_config
+from tests.helpers import fast_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # the smallest valid spec of each method (beyond method and budget)
 EXTRA = {"difficulty": {"score": "el2n"}, "ccs": {"score": "el2n"}}

@@ -10,7 +10,7 @@ from pipeline.manifest import read_parquet
 from pipeline.runner import Runner
 from stages.kernels.coresets.features import last_layer
 from stages.kernels.coresets.gradmatch import matching_error
-from tests.conftest import FMNIST
+from tests.helpers import FMNIST
 
 
 @pytest.mark.slow

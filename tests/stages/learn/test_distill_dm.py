@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import digits_split
+from tests.helpers import digits_split
 from stages.learn.distill.dm import distill_dm, init_from_real
 from stages.learn.models import build_model
 from stages.learn.trainer import accuracy, train_classifier

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import digits_split
+from tests.helpers import digits_split
 from stages.learn.models import build_model
 from stages.learn.online import make_selector
 from stages.learn.trainer import Recipe, accuracy, train_classifier

@@ -19,7 +19,7 @@ FIELDS = ("acc_mean", "acc_std", "rel_error", "train_seconds", "speedup", "curat
 def verified(digits_catalog, tmp_path_factory):
     from pipeline.catalog import Catalog
     from pipeline.runner import Runner
-    from tests.conftest import fast_config
+    from tests.helpers import fast_config
 
     run = tmp_path_factory.mktemp("verify") / "run"
     cfg = load_config(fast_config(run, embed={"epochs": 2},
@@ -166,12 +166,17 @@ def test_convnet3_on_tiny_images_is_a_one_line_error():
     check_input_size("mlp", (1, 6, 6))
 
 
-def test_a_killed_verify_unit_resumes_with_the_same_accuracies(verified, monkeypatch):
+def test_a_killed_verify_unit_resumes_with_the_same_accuracies(verified, monkeypatch, tmp_path):
     """Seeds trained before a crash are not trained again (the unit's journal), and the unit's
-    result matches an unbroken run's."""
-    import stages.verify as verify
+    result matches an unbroken run's. On a copy of the shared run, which other tests read."""
+    import shutil
 
-    runner, report = verified
+    import stages.verify as verify
+    from pipeline.runner import Runner
+
+    shared, report = verified
+    shutil.copytree(shared.run_dir, tmp_path / "run")
+    runner = Runner(shared.cfg, shared.catalog, tmp_path / "run")
     unit = runner.run_dir / "verify" / "full"
     before = json.loads((unit / "result.json").read_text())
     real, calls = verify.train_once, []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import fast_config
+from tests.helpers import fast_config
 
 CURATE = [sys.executable, "-m", "pipeline.cli"]
 

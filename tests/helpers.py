@@ -1,0 +1,71 @@
+"""Helpers the tests share (fixtures live in conftest.py): paths, fast configs, planted damage."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path(os.environ.get("CURATE_FMNIST", REPO.parent / "shared" / "datasets" / "fashion-mnist"))
+
+
+def fast_config(run_dir: Path, **sections) -> dict:
+    cfg = {
+        "run": str(run_dir), "dataset": "digits", "seed": 0,
+        "embed": {"epochs": 1},
+        "select": [{"method": "random", "budget": 0.1}, {"method": "stratified", "budget": 0.2}],
+        "verify": {"epochs": 1, "seeds": 1, "batch_size": 32, "lr": 0.05, "width": 32, "ipc_epochs": 3},
+    }
+    cfg.update(sections)
+    return cfg
+
+
+def files_under(d: Path) -> dict[str, bytes]:
+    """relative path -> bytes for every file except _stage.json (which holds times)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != "_stage.json"}
+
+
+def digits_split(upscale: int = 1):
+    """sklearn's digits as uint8 [N, 1, 8u, 8u] (nearest-neighbour upscaled u times) and labels,
+    split 1400 train / 397 held out by one fixed permutation."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * 16).clip(0, 255).astype(np.uint8)[:, None]
+    x = x.repeat(upscale, axis=2).repeat(upscale, axis=3)
+    perm = np.random.default_rng(0).permutation(len(d.target))
+    return x[perm[:1400]], d.target[perm[:1400]], x[perm[1400:]], d.target[perm[1400:]]
+
+
+def rerecord(unit_dir: Path) -> None:
+    """Make `_stage.json` claim the files now in `unit_dir`, as if the stage itself had written
+    them: how a test plants bad output (NaN rows, a foreign buffer) that the run store would
+    otherwise see as tampered, hence stale."""
+    import json
+
+    from pipeline.runner import STAGE_FILE, describe_outputs, hash_outputs
+
+    rec = json.loads((unit_dir / STAGE_FILE).read_text())
+    rec["outputs"] = describe_outputs(unit_dir)
+    rec["output_hash"] = hash_outputs(rec["outputs"])
+    (unit_dir / STAGE_FILE).write_text(json.dumps(rec))
+
+
+def rewrite_shard(path: Path, edit) -> None:
+    """Rewrite a shard with `edit(key, members) -> (key, members)` applied to every sample."""
+    from pipeline.shards import iter_shard
+
+    samples = list(iter_shard(path))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for s in samples:
+            key, members = edit(s.key, dict(s.members))
+            for ext, data in sorted(members.items()):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
