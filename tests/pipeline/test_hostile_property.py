@@ -15,6 +15,7 @@ import sys
 import tarfile
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,17 @@ def no_writes_outside(*allowed: Path):
         _WATCH.remove(watch)
 
 
-def run_pipeline(shard: bytes, overrides: list[str] = ()) -> str | None:
-    """index -> select (every sample) -> materialize over one shard, in a fresh temporary root;
-    returns the one-line error, or None when the subset was written."""
+@dataclass
+class Outcome:
+    error: str | None  # the CurateError's text, None when the subset was written
+    written: bool  # materialize/random-1.0/manifest.parquet exists
+    writes_outside: list  # writes the audit hook saw outside the run directory (and the hash cache)
+    root_changed: bool  # anything in the temporary root outside the run directory changed
+
+
+def run_pipeline(shard: bytes, overrides: list[str] = ()) -> Outcome:
+    """index -> select (every sample) -> materialize over one shard, in a fresh temporary root.
+    Any exception other than CurateError propagates (and fails the calling test)."""
     from pipeline.catalog import Catalog
     from pipeline.config import load_config
     from pipeline.fingerprint import cache_dir
@@ -110,6 +119,7 @@ def run_pipeline(shard: bytes, overrides: list[str] = ()) -> str | None:
             "fields": {"image": ["png"], "label": "cls", "caption": "txt"}, "num_classes": 3}}}))
         run = root / "run"
         before = tree(root, run)
+        error = None
         with no_writes_outside(run, cache_dir()) as bad:
             try:
                 cfg = load_config({"run": str(run), "dataset": "d", "index": {"on_error": "skip"},
@@ -118,18 +128,25 @@ def run_pipeline(shard: bytes, overrides: list[str] = ()) -> str | None:
                 r.write_run_json()
                 for unit in ("index", "select/random-1.0", "materialize/random-1.0"):
                     r.run(unit)
-                error = None
-                assert (run / "materialize" / "random-1.0" / "manifest.parquet").is_file()
             except CurateError as exc:
                 error = str(exc)
-                assert "\n" not in error, error
-        assert bad == []
-        assert tree(root, run) == before
-        return error
+        return Outcome(error, (run / "materialize" / "random-1.0" / "manifest.parquet").is_file(), list(bad),
+                       tree(root, run) != before)
+
+
+def check(out: Outcome) -> None:
+    """Success (the subset written) or one line, and never a write outside the run directory."""
+    hypothesis.event("one-line error" if out.error else "subset written")
+    assert out.writes_outside == [] and not out.root_changed, out
+    if out.error is None:
+        assert out.written, out
+    else:
+        assert "\n" not in out.error and out.error.strip(), out.error
 
 
 def test_the_valid_shard_goes_through():
-    assert run_pipeline(tar_bytes(valid_members())) is None
+    out = run_pipeline(tar_bytes(valid_members()))
+    assert out.error is None and out.written and out.writes_outside == [] and not out.root_changed, out
 
 
 @SETTINGS
@@ -139,9 +156,11 @@ def test_mutated_and_truncated_shards(data):
     for _ in range(data.draw(st.integers(0, 8))):
         shard[data.draw(st.integers(0, len(shard) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(shard))))
-    error = run_pipeline(bytes(shard if cut is None else shard[:cut]),
-                         [f"index.on_error={data.draw(st.sampled_from(['skip', 'raise']))}"])
-    hypothesis.event("one-line error" if error else "subset written")
+    mutated = shard != bytearray(tar_bytes(valid_members())) or cut is not None
+    out = run_pipeline(bytes(shard if cut is None else shard[:cut]),
+                       [f"index.on_error={data.draw(st.sampled_from(['skip', 'raise']))}"])
+    check(out)
+    assert mutated or out.error is None, out.error  # the unmutated shard must go through
 
 
 NAME = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30)
@@ -155,8 +174,7 @@ NAME = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
 def test_random_member_names(names, payload):
     members = valid_members()[:8]
     members += [(n, _png(7) if payload is None else payload) for n in names]
-    error = run_pipeline(tar_bytes(members))
-    hypothesis.event("one-line error" if error else "subset written")
+    check(run_pipeline(tar_bytes(members)))
 
 
 KEYS = ["seed", "index.on_error", "index.val_fraction", "index.max_pixels", "index.max_member_bytes",
@@ -171,5 +189,4 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.fl
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_random_config_values(key, value):
     text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-    error = run_pipeline(tar_bytes(valid_members()), [f"{key}={text}"])
-    hypothesis.event("one-line error" if error else "subset written")
+    check(run_pipeline(tar_bytes(valid_members()), [f"{key}={text}"]))
