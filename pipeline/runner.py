@@ -11,6 +11,8 @@ import os
 import re
 import platform
 import shutil
+import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .catalog import Catalog
-from .config import RunConfig, SelectSpec, load_config
+from .config import RunConfig, load_config
 from .errors import CurateError
 from .fingerprint import hash_file, stage_fingerprint
 from .locks import UnitLock, critical, is_stale, lock_path, read_holder, track_tmp, untrack_tmp, describe
@@ -271,7 +273,8 @@ class Runner:
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         try:
-            stage.run(ctx)
+            with UnitUsage() as usage:
+                stage.run(ctx)
             wall = time.perf_counter() - t0
             device = ctx.config.get("device")
             outputs = describe_outputs(tmp)
@@ -281,6 +284,7 @@ class Runner:
                    "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(),
                    "wall_seconds": round(wall, 3), "device": str(ctx.device) if device else "cpu",
                    "host": platform.node(), "pid": os.getpid(), "output_hash": hash_outputs(outputs),
+                   "worker": worker_name(), "cpu_seconds": usage.cpu_seconds, "peak_rss_bytes": usage.peak_rss_bytes,
                    "outputs": outputs,
                    "upstream_outputs": {up: self.record(up).get("output_hash") for up in stage.upstream(self.cfg, sel)},
                    "metrics": ctx.metrics}
@@ -416,6 +420,83 @@ def _clean_leftovers(final: Path) -> None:
     for p in final.parent.iterdir():
         if pattern.fullmatch(p.name):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def worker_name() -> str:
+    """Who ran the unit, for `_stage.json`: the Dask worker's address when this process is one
+    (distributed already imported: it never is imported here for this), else `hostname:pid`."""
+    dist = sys.modules.get("distributed")
+    if dist is not None:
+        try:
+            return dist.get_worker().address
+        except (ValueError, AttributeError):
+            pass
+    return f"{platform.node()}:{os.getpid()}"
+
+
+class UnitUsage:
+    """CPU time and peak memory of one unit, for `_stage.json` (never in a fingerprint).
+
+    cpu_seconds: user + system CPU time of the process that ran the unit, over the unit's run,
+    plus that of the child processes it started and waited for (RUSAGE_CHILDREN; children of
+    children that were reaped elsewhere, e.g. by a forkserver, are not counted). Exact where the
+    unit has its process to itself (a Dask worker with one thread, `curate stage`); an upper
+    bound where units run side by side in one process (the default thread runner).
+
+    peak_rss_bytes: the largest resident set size of that process while the unit ran (child
+    processes not included): the RSS sampled every 50 ms by a thread, raised to the process's
+    ru_maxrss where that grew during the unit (then the lifetime peak fell inside the unit, and
+    spikes between samples are caught too). Not the process lifetime maximum."""
+
+    INTERVAL = 0.05
+
+    def __init__(self):
+        self.cpu_seconds = 0.0
+        self.peak_rss_bytes = 0
+
+    @staticmethod
+    def _cpu() -> float:
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    @staticmethod
+    def _maxrss() -> int:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def _sample(self) -> None:
+        try:
+            rss = self._proc.memory_info().rss
+        except Exception:  # psutil.Error: /proc unreadable; the ru_maxrss part still counts
+            return
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            self._sample()
+
+    def __enter__(self) -> "UnitUsage":
+        import psutil
+
+        self._proc = psutil.Process()
+        self._cpu0, self._maxrss0 = self._cpu(), self._maxrss()
+        self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="curate-unit-usage", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.cpu_seconds = round(self._cpu() - self._cpu0, 3)
+        maxrss = self._maxrss()
+        if maxrss > self._maxrss0:
+            self.peak_rss_bytes = max(self.peak_rss_bytes, maxrss)
 
 
 def describe_outputs(directory: Path) -> dict[str, list]:
