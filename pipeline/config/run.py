@@ -14,6 +14,7 @@ from .distill import DistillConfig, DistillSpec
 from .embed import EmbedConfig
 from .flow import FlowConfig
 from .index import IndexConfig
+from .knn import KnnConfig
 from .materialize import MaterializeConfig
 from .score import ScoreConfig
 from .select import AnySpec, SelectSpec
@@ -68,6 +69,7 @@ class RunConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)  # every neighbour search and k-means (stages.kernels.knn)
 
     @property
     def needs_validation(self) -> bool:

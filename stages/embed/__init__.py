@@ -10,6 +10,9 @@ Also written, for the scores and the gradient-based selections:
 - `grads.npy`: [N, C] float32 last-layer bias gradients p - onehot(y) of seed 0's final
   model (`stages.kernels.gradients.bias_gradients`); the full last-layer gradient is their
   outer product with the embeddings.
+
+Method `precomputed` (stages.embed.precomputed): embeddings the user already has, from a .npy
+plus keys or Parquet, aligned to the index by key and checked, written as the others write theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pipeline.stage import Resources, Stage, StageContext
 from stages.kernels.gradients import bias_gradients
 from stages.learn.models import proxy_arch
 from stages.embed.proxy import train_proxy
+from stages.embed.precomputed import FIELDS as PRECOMPUTED_FIELDS, count_rows, stage_config, write_precomputed
 
 
 class EmbedStage(Stage):
@@ -37,10 +41,12 @@ class EmbedStage(Stage):
 
     def config(self, cfg, sel, entry=None):
         """Only the settings the chosen method reads (num_workers changes no output)."""
+        if cfg.embed.method == "precomputed":
+            return stage_config(cfg.embed, cfg.index.on_error)  # with the sha256 of every file it reads
         unused = {"open_clip": {"epochs", "seeds", "lr", "width", "image_size", "arch", "clip", "views"},
                   "proxy": {"model", "pretrained", "shard_groups", "clip", "views"},
                   "proxy_clip": {"epochs", "seeds", "lr", "width", "arch", "model", "pretrained", "shard_groups"},
-                  }[cfg.embed.method] | {"num_workers"}
+                  }[cfg.embed.method] | {"num_workers", *PRECOMPUTED_FIELDS}
         c = {"seed": cfg.seed, **cfg.embed.model_dump(exclude=unused)}
         if cfg.embed.method == "open_clip":
             c["num_workers"] = cfg.embed.num_workers  # the loader needs it; harmless in the fingerprint
@@ -51,7 +57,12 @@ class EmbedStage(Stage):
     def upstream(self, cfg, sel):
         return ["index", *part_units(cfg)]
 
+    def unit_resources(self, cfg, sel):
+        return Resources(cpus=1) if cfg.embed.method == "precomputed" else self.resources  # reads files only
+
     def run(self, ctx: StageContext) -> None:
+        if ctx.config["method"] == "precomputed":
+            return self.run_precomputed(ctx)
         if ctx.config["method"] == "open_clip":
             return self.run_open_clip(ctx)
         if ctx.config["method"] == "proxy_clip":
@@ -86,6 +97,16 @@ class EmbedStage(Stage):
         (ctx.out / "embeddings.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         ctx.metrics.update({"dim": feats.shape[1], "train_seconds": round(out["seconds"], 3),
                             "train_accuracy": float((final.argmax(1) == labels).mean())})
+
+    def run_precomputed(self, ctx: StageContext) -> None:
+        """Embeddings the user brought (stages.embed.precomputed), aligned to the index by key."""
+        c = ctx.config
+        tables = {p: read_parquet(ctx.input_dir("index") / f"{p}.parquet", ["key", "uid"])
+                  for p in ("index", "val") if p == "index" or ctx.has_val()}
+        index, val = tables["index"], tables.get("val")
+        total = sum(count_rows(p, c["keys"]) for p in (c["path"], c["text_path"]) if p is not None)
+        with ctx.progress(total, "embed: precomputed", unit=" rows") as step:
+            ctx.metrics.update(write_precomputed(c, index, val, ctx.out, progress=step))
 
     def run_proxy_clip(self, ctx: StageContext) -> None:
         """Train a small CLIP on the pool's pairs (stages.learn.clip), then embed both towers with it:

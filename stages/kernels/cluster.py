@@ -1,5 +1,10 @@
 """k-means: faiss when it is installed (and the data is on the CPU), else Lloyd's algorithm in
-torch on CPU or GPU. Used by prototype scores, dedup and clipcov."""
+torch on CPU or GPU. Used by prototype scores, dedup and clipcov.
+
+At scale the run's `knn:` section decides (`sampled_centroids`): where its rule picks faiss
+(N > exact_max_n on the CPU), stages.kernels.knn.kmeans fits on a seeded sample of at most
+max_points_per_centroid rows per centroid; else these full-data k-means run as before, so small
+runs keep their exact results."""
 
 from __future__ import annotations
 
@@ -49,3 +54,19 @@ def _cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, block: int = 65
         sums += oh.T @ x[s:s + block]
         counts += oh.sum(0, keepdim=True).T
     return sums, counts
+
+
+def sampled_centroids(x, k: int, knn: dict | None, *, iters: int = 20, seed: int = 0,
+                      device="cpu") -> np.ndarray | None:
+    """Centroids [min(k, N), D] from stages.kernels.knn.kmeans (faiss, on a sample) where the `knn:`
+    options' rule picks faiss for these N rows; None where it picks exact (the caller's full-data
+    k-means then runs, unchanged) or where knn is None."""
+    from stages.kernels.knn import EXACT_MAX_N, choose_backend
+    from stages.kernels.knn import kmeans as knn_kmeans
+
+    if knn is None or choose_backend(len(x), knn.get("backend", "auto"), device,
+                                     knn.get("exact_max_n", EXACT_MAX_N)) != "faiss":
+        return None
+    cent, _ = knn_kmeans(x, k, backend="faiss", iters=iters, seed=seed,
+                         max_points_per_centroid=knn.get("max_points_per_centroid", 256), with_assignment=False)
+    return cent

@@ -438,12 +438,15 @@ def sas(feats, groups, alloc, *, device="cpu", seed: int = 0, optimizer: str = "
 
 # ----------------------------------------------------------------- pseudo-classes
 def kmeans_groups(emb, k: int, *, seed: int = 0, device="cpu", iters: int = 20,
-                  max_points_per_centroid: int = 256) -> np.ndarray:
+                  max_points_per_centroid: int = 256, knn: dict | None = None) -> np.ndarray:
     """Pseudo-class ids [N] int64 in [0, k): k-means of the L2-normalised embeddings (faiss on CPU
     where installed, else torch on `device`), fitted on a seeded sample of at most
     max_points_per_centroid * k rows and assigned to the nearest centroid in row blocks.
-    Some ids may be empty."""
+    Some ids may be empty. knn: the run's `knn:` section; past its exact_max_n rows (on the CPU) the
+    centroids come from stages.kernels.knn.kmeans (faiss, seeded k-means++ start), fitted on the same sample."""
     from stages.kernels.cluster import faiss_kmeans, kmeans
+    from stages.kernels.knn import EXACT_MAX_N, choose_backend
+    from stages.kernels.knn import kmeans as knn_kmeans
 
     x = _matrix("kmeans_groups", "emb", emb)
     if int(k) != k or k < 1:
@@ -451,6 +454,8 @@ def kmeans_groups(emb, k: int, *, seed: int = 0, device="cpu", iters: int = 20,
     k = int(k)
     if len(x) == 0:
         return np.zeros(0, np.int64)
+    if knn is not None:
+        max_points_per_centroid = knn.get("max_points_per_centroid", max_points_per_centroid)
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(len(x), max_points_per_centroid * k, replace=False)) \
         if len(x) > max_points_per_centroid * k else np.arange(len(x))
@@ -458,7 +463,13 @@ def kmeans_groups(emb, k: int, *, seed: int = 0, device="cpu", iters: int = 20,
     norm = np.linalg.norm(xf, axis=1, keepdims=True)
     xf /= np.maximum(norm, 1e-12)
     dev = torch.device(device)
-    cent = faiss_kmeans(xf, k, iters=iters, seed=seed) if dev.type == "cpu" else None
+    cent = None
+    if knn is not None and choose_backend(len(x), knn.get("backend", "auto"), dev,
+                                          knn.get("exact_max_n", EXACT_MAX_N)) == "faiss":  # the rule on all N
+        cent = knn_kmeans(xf, k, backend="faiss", iters=iters, seed=seed, with_assignment=False,
+                          max_points_per_centroid=max_points_per_centroid)[0]
+    if cent is None and dev.type == "cpu":
+        cent = faiss_kmeans(xf, k, iters=iters, seed=seed)
     if cent is None:
         cent = kmeans(xf, k, iters=iters, seed=seed, device=dev)
     c = torch.as_tensor(np.asarray(cent, np.float32), device=dev)

@@ -14,7 +14,8 @@ Two similarity structures, chosen per class by size:
 - `DenseSimilarity`: the class's n x n matrix, for small classes;
 - `SparseSimilarity`: only each sample's k nearest neighbours (itself included), as a
   column-compressed graph, so memory grows with n * k and never n^2. Similarities to
-  non-neighbours count as 0.
+  non-neighbours count as 0. The neighbours come from exact torch blocks, or from faiss
+  (stages.kernels.knn) where the run's `knn:` rule picks it for the class's size.
 
 Two greedy maximisers: `lazy_greedy` (exact greedy with a priority queue of stale
 upper bounds; submodularity makes them valid) and `stochastic_greedy` ("lazier than
@@ -113,18 +114,27 @@ class SparseSimilarity:
         return len(self.indptr) - 1
 
     @classmethod
-    def build(cls, feats, metric: str, k: int) -> "SparseSimilarity":
+    def build(cls, feats, metric: str, k: int, knn: dict | None = None, seed: int = 0) -> "SparseSimilarity":
+        """k nearest neighbours of each row, itself included: exact torch blocks, or faiss where the
+        `knn:` options' rule (stages.kernels.knn.choose_backend, on the class size) says so."""
+        from stages.kernels.knn import EXACT_MAX_N, choose_backend
+
         n, sq = len(feats), feats.sqnorms()
         k = min(k, n)
-        nbr, val = [], []
-        for b in _blocks(n, max(1, min(BLOCK, (1 << 26) // max(n, 1)))):  # a block holds <= 64M entries
-            if metric == "cosine":
-                v, i = _cosine(feats, b, sq).topk(k, dim=1)
-            else:
-                v, i = _distances(feats, b, sq).topk(k, dim=1, largest=False)
-            nbr.append(i)
-            val.append(v)
-        nbr, val = torch.cat(nbr), torch.cat(val)
+        opts = {"backend": "exact"} if knn is None else knn
+        if k > 1 and choose_backend(n, opts.get("backend", "auto"), sq.device,
+                                    opts.get("exact_max_n", EXACT_MAX_N)) == "faiss":
+            nbr, val = _faiss_neighbours(feats, metric, k, opts, seed)
+        else:
+            nbr, val = [], []
+            for b in _blocks(n, max(1, min(BLOCK, (1 << 26) // max(n, 1)))):  # a block holds <= 64M entries
+                if metric == "cosine":
+                    v, i = _cosine(feats, b, sq).topk(k, dim=1)
+                else:
+                    v, i = _distances(feats, b, sq).topk(k, dim=1, largest=False)
+                nbr.append(i)
+                val.append(v)
+            nbr, val = torch.cat(nbr), torch.cat(val)
         src = torch.arange(n, device=nbr.device).repeat_interleave(k)
         if metric != "cosine":
             val = val.masked_fill(nbr == src.view(n, k), 0)  # an exact zero to itself
@@ -165,13 +175,34 @@ class SparseSimilarity:
         return self.gains(torch.arange(self.n, device=self.indptr.device), torch.zeros(self.n, device=self.vals.device))
 
 
-def similarity(feats, metric: str, *, graph: str = "auto", dense_max: int = 10000, knn: int = 32):
-    """The class's similarity structure: dense below `dense_max` samples (graph=auto), else sparse k-NN."""
+def _faiss_neighbours(feats, metric: str, k: int, opts: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(neighbours [n, k], values [n, k]) as the exact blocks give them (the row itself first, then
+    k - 1 others from faiss): (1 + cos) / 2 for cosine, the Euclidean distance otherwise."""
+    from stages.kernels.knn import graph_kwargs, knn_graph
+
+    x = feats.dense().detach().cpu().numpy()
+    kw = {**graph_kwargs(opts), "backend": "faiss"}
+    idx, sim = knn_graph(x, k - 1, metric="cosine" if metric == "cosine" else "l2", seed=seed, **kw)
+    n, dev = len(x), feats.sqnorms().device
+    nbr = torch.from_numpy(np.concatenate([np.arange(n)[:, None], idx], 1)).to(dev)
+    if metric == "cosine":
+        val = np.concatenate([np.ones((n, 1), np.float32), ((1 + sim) * 0.5).clip(0, 1)], 1)
+    else:
+        val = np.concatenate([np.zeros((n, 1), np.float32), -sim], 1)  # knn_graph's l2 sim is minus the distance
+    return nbr, torch.from_numpy(val).to(dev)
+
+
+def similarity(feats, metric: str, *, graph: str = "auto", dense_max: int = 10000, knn: int = 32,
+               knn_options: dict | None = None, seed: int = 0):
+    """The class's similarity structure: dense below `dense_max` samples (graph=auto), else sparse k-NN
+    (built as the `knn:` section's options say: stages.kernels.knn)."""
     if metric not in ("euclidean", "cosine"):
         raise CurateError(f"craig: metric must be euclidean or cosine, got {metric!r}")
     feats = _centred(feats, metric)
     use_dense = graph == "dense" or (graph == "auto" and len(feats) <= dense_max)
-    return DenseSimilarity.build(feats, metric) if use_dense else SparseSimilarity.build(feats, metric, knn)
+    if use_dense:
+        return DenseSimilarity.build(feats, metric)
+    return SparseSimilarity.build(feats, metric, knn, knn_options, seed)
 
 
 # ----------------------------------------------------------------- maximisers
@@ -250,9 +281,10 @@ def assignment_weights(feats, picks: np.ndarray, metric: str) -> np.ndarray:
 # ----------------------------------------------------------------- CRAIG
 def craig(feats, labels: np.ndarray, alloc: np.ndarray, *, metric: str = "euclidean", optimizer: str = "stochastic",
           eps: float = 0.01, graph: str = "auto", dense_max: int = 10000, knn: int = 32,
-          seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+          knn_options: dict | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Per-class facility location: alloc[c] picks from class c. Returns (rows in selection
-    order, weights, info). Classes are visited in id order; within a class, greedy order."""
+    order, weights, info). Classes are visited in id order; within a class, greedy order.
+    knn_options: the run's `knn:` section as a dict (backend of a sparse graph); None: exact."""
     labels = np.asarray(labels)
     rows_out, w_out, info = [], [], {"objective": {}, "graph": {}, "saturated": []}
     for c in np.flatnonzero(alloc):
@@ -261,7 +293,8 @@ def craig(feats, labels: np.ndarray, alloc: np.ndarray, *, metric: str = "euclid
         if k > len(members):
             raise CurateError(f"craig: class {c} has {len(members)} samples, fewer than its budget {k}")
         f = feats.take(members)
-        sim = similarity(f, metric, graph=graph, dense_max=dense_max, knn=knn)
+        sim = similarity(f, metric, graph=graph, dense_max=dense_max, knn=knn, knn_options=knn_options,
+                         seed=seed + int(c))
         if optimizer == "lazy":
             picks = lazy_greedy(sim, k)
         elif optimizer == "stochastic":

@@ -9,9 +9,19 @@ with m_i = 1[label of i-th nearest == test label] and N training points:
 A sample's value is its s averaged over the test points. Here the recursion is a
 reversed cumulative sum, computed for a block of test points at a time, so memory is
 O(block * N) and never N x N_test.
+
+At scale (the run's `knn:` rule picks faiss for N training points) each test point ranks only
+its L = max(K, knn.k) nearest training points (stages.kernels.knn.knn_search), the truncation of
+Jia et al. 2019 (for i >= K, |s_i| <= 1 / i). What lies past rank L is estimated instead of
+dropped: with q the fraction of training labels equal to the test label, the exact tail
+s_i = m_i / i - sum_{j>i} m_j / (j (j - 1)) is about (m_i - q) / i + q / N, which starts the
+recursion at s_L; a training point outside the L gets (m_i - q) E[1 / i] + q / N with i uniform
+over L+1 .. N, so it keeps the sign of its label agreement. Memory: O(N_test * L).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -26,8 +36,9 @@ def _check(name: str, x: np.ndarray) -> None:
 
 
 def knn_shapley(train_x, train_y, test_x, test_y, k: int = 10, *, block: int = 256,
-                device: str | torch.device = "cpu", dtype=torch.float64) -> np.ndarray:
-    """Shapley value of each training sample for a K-NN classifier's test accuracy, float64 [N]."""
+                device: str | torch.device = "cpu", dtype=torch.float64, knn: dict | None = None) -> np.ndarray:
+    """Shapley value of each training sample for a K-NN classifier's test accuracy, float64 [N].
+    knn: the run's `knn:` section; None or its rule picking exact: every test point ranks all N."""
     train_x, test_x = np.asarray(train_x), np.asarray(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     n = len(train_x)
@@ -39,6 +50,11 @@ def knn_shapley(train_x, train_y, test_x, test_y, k: int = 10, *, block: int = 2
         raise CurateError("knn_shapley: the validation split has samples without labels")
     _check("training embedding", train_x)
     _check("validation embedding", test_x)
+    if knn is not None:
+        from stages.kernels.knn import EXACT_MAX_N, choose_backend
+
+        if choose_backend(n, knn.get("backend", "auto"), device, knn.get("exact_max_n", EXACT_MAX_N)) == "faiss":
+            return _truncated(train_x, train_y, test_x, test_y, k, knn)
     dev = torch.device(device)
     xt = torch.as_tensor(train_x, dtype=torch.float32, device=dev)
     yt = torch.as_tensor(train_y, device=dev)
@@ -59,3 +75,32 @@ def knn_shapley(train_x, train_y, test_x, test_y, k: int = 10, *, block: int = 2
         # (a scatter_add over all rows would use atomics on CUDA and vary in the last bits)
         total += torch.empty_like(s).scatter_(1, order, s).sum(0)
     return (total / len(test_x)).cpu().numpy()
+
+
+def _truncated(train_x, train_y, test_x, test_y, k: int, knn: dict) -> np.ndarray:
+    """knn_shapley from each test point's L nearest training points (faiss), the rest estimated."""
+    from stages.kernels.knn import graph_kwargs, knn_search
+
+    n, nt = len(train_x), len(test_x)
+    depth = min(n, max(int(k), int(knn.get("k", 32))))
+    idx, _ = knn_search(train_x, test_x, depth, metric="l2", **{**graph_kwargs(knn), "backend": "faiss"})
+    classes, train_code = np.unique(train_y, return_inverse=True)
+    prior = np.bincount(train_code, minlength=len(classes)) / n
+    pos = np.searchsorted(classes, test_y)
+    known = (pos < len(classes)) & (classes[np.minimum(pos, len(classes) - 1)] == test_y)
+    q = np.where(known, prior[np.minimum(pos, len(classes) - 1)], 0.0)  # [T]
+    a = math.log(n / depth) / (n - depth) if n > depth else 0.0  # E[1 / i], i uniform over depth+1 .. n
+    # every (train, test) pair as if outside the L: (m - q) a + q / N, summed over the test points
+    test_per_class = np.array([np.sum(test_y == c) for c in classes], np.float64)
+    total = a * test_per_class[train_code] + (1.0 / n - a) * q.sum()
+    # the L nearest: the recursion from the tail estimate at rank L
+    m = (train_y[idx] == test_y[:, None]).astype(np.float64)  # [T, L], nearest first
+    ranks = np.arange(1, depth + 1, dtype=np.float64)
+    s = np.empty_like(m)
+    s[:, -1] = (m[:, -1] - q) / depth + q / n if n > depth else m[:, -1] / n
+    coef = np.minimum(ranks[:-1], k) / (k * ranks[:-1])  # i = 1 .. L-1
+    diff = (m[:, :-1] - m[:, 1:]) * coef
+    s[:, :-1] = s[:, -1:] + np.flip(np.cumsum(np.flip(diff, 1), 1), 1)
+    outside = (m - q[:, None]) * a + q[:, None] / n
+    total += np.bincount(idx.reshape(-1), weights=(s - outside).reshape(-1), minlength=n)
+    return total / nt
