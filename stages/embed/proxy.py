@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.learn.models import build_model
+from stages.learn.models import build_model, seeded_init
 from stages.learn.trainer import features_and_probs, train_classifier
 
 
@@ -26,8 +26,7 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, *, num_classes: int, epo
     hnorm = np.zeros((seeds, epochs, n), np.float32)
     seconds, first = 0.0, None
     for s in range(seeds):
-        torch.manual_seed(seed + s)
-        model = build_model(arch, images.shape[1:], num_classes, width=width)
+        model = seeded_init(seed + s, lambda: build_model(arch, images.shape[1:], num_classes, width=width))
 
         def record(epoch: int, s=s, model=model):
             h, p = features_and_probs(model, images, device=device)

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Callable, TypeVar
+
 import torch
 from torch import nn
+
+M = TypeVar("M")
+_INIT_LOCK = threading.Lock()
+
+
+def seeded_init(seed: int, factory: Callable[[], M]) -> M:
+    """`factory()` (a network's construction) with torch's global RNG seeded to `seed`.
+
+    nn.Module initialisers draw from the global RNG, and a local flow runs units in threads of
+    one process: two units seeding and building at once would take each other's draws (the
+    same seed, different weights). The lock makes seed-and-build one step, and fork_rng leaves
+    the global RNG as it was for whoever else uses it.
+    """
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
 
 
 class BodyHead(nn.Module):

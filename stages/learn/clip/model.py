@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import CurateError
 
+from stages.learn.models import seeded_init
 from stages.learn.trainer import normalise
 
 VOCAB_SIZE = 49408  # open_clip SimpleTokenizer().vocab_size (BPE merges + 2 special tokens)
@@ -75,9 +76,8 @@ def build_clip(arch: ClipArch, image_size: int | tuple[int, int], seed: int):
                            patch_size=arch.patch_size, image_size=(h, w))
     text = CLIPTextCfg(context_length=arch.context, vocab_size=arch.vocab_size, width=arch.text_width,
                        heads=th, layers=arch.text_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.CLIP(arch.embed_dim, vision_cfg=vision, text_cfg=text, init_logit_scale=arch.init_logit_scale)
+    model = seeded_init(seed, lambda: open_clip.CLIP(arch.embed_dim, vision_cfg=vision, text_cfg=text,
+                                                     init_logit_scale=arch.init_logit_scale))
     return model
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.learn.models import seeded_init
 from stages.learn.trainer import normalise
 from stages.learn import augment as dsa
 
@@ -78,11 +79,7 @@ def _by_class(real, classes: list[int], device: torch.device) -> dict[int, torch
 
 def _fresh_net(model_factory: Callable[[], nn.Module], seed: int, device: torch.device) -> nn.Module:
     """A network initialised from `seed` without touching the caller's global RNG."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        net = model_factory()
+    net = seeded_init(seed, model_factory)  # built on the CPU: only the CPU generator is drawn from
     net.to(device).train()
     for p in net.parameters():
         p.requires_grad_(False)

@@ -25,7 +25,7 @@ from safetensors.torch import save
 from torch import nn
 from torch.nn import functional as F
 
-from stages.learn.models import build_model
+from stages.learn.models import build_model, seeded_init
 from stages.learn.trainer import normalise
 
 FORMAT = "curate-mtt-experts/1"
@@ -88,9 +88,7 @@ def train_expert(images: np.ndarray, labels: np.ndarray, *, arch: str, in_shape,
     the expert must be constant-lr, full precision (no bf16) and snapshot after each epoch.
     `augment(x, gen)` (e.g. DSA) sees each normalised batch.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(arch, tuple(in_shape), num_classes, width)
+    model = seeded_init(seed, lambda: build_model(arch, tuple(in_shape), num_classes, width))
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed + 1_000_003)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
