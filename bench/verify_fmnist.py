@@ -47,8 +47,9 @@ def main() -> None:
     print()
     print((runner.run_dir / "report" / "report.md").read_text())
     full = report["rows"][0]
-    print(f"one full-data epoch of {report['recipe']}: {full['train_seconds'] / report['epochs']:.2f} s "
-          f"({report['train_samples'] * report['epochs'] / full['train_seconds']:.0f} img/s), device {report['device']}")
+    epochs = full.get("epochs") or report["epochs"]  # the row's own under verify.steps (report's is None then)
+    print(f"one full-data epoch of {report['recipe']}: {full['train_seconds'] / epochs:.2f} s "
+          f"({report['train_samples'] * epochs / full['train_seconds']:.0f} img/s), device {report['device']}")
     print("\n".join(goal_lines(report)))
     print(f"plots: {runner.run_dir / 'report' / 'accuracy_vs_budget.png'}, {runner.run_dir / 'report' / 'accuracy_vs_time.png'}")
 

@@ -6,6 +6,7 @@ Images come back as uint8 [N, C, H, W]; grey images have C=1. Where sizes differ
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Sequence
 
@@ -38,20 +39,16 @@ def find_image(members: dict[str, bytes], exts: Sequence[str]) -> tuple[str, byt
     return None
 
 
-def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Sequence[str],
-                image_size: int | None = None, channels: int | None = None,
-                max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None) -> np.ndarray:
-    """Images at (shard, offset) pairs, in the given order, as uint8 [N, C, H, W].
-
-    `channels` fixes C (grey repeated to RGB, RGB averaged to grey); pass the training
-    pool's count so that train, validation, test and subsets agree. Default: the most
-    channels among these images. `max_member_bytes` / `max_pixels`: the run's `index.` limits,
-    for shards the index stage did not check (verify's test split).
-    """
+def decode_samples(shards: Sequence[str], offsets: Sequence[int], image_exts: Sequence[str],
+                   max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None
+                   ) -> tuple[list[np.ndarray], list[str]]:
+    """The images at (shard, offset) pairs as decoded, uint8 (H, W) or (H, W, C), and their keys,
+    in the given order (each shard is read once)."""
     wanted: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (s, o) in enumerate(zip(shards, offsets)):
         wanted[s][int(o)].append(i)
     decoded: list[np.ndarray | None] = [None] * len(shards)
+    keys: list[str] = [""] * len(shards)
     for shard, by_offset in wanted.items():
         remaining = len(by_offset)
         for sample in iter_shard(shard, max_member_bytes):
@@ -65,18 +62,52 @@ def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Seque
                 raise ShardError(f"{where}: no image member ({'/'.join(image_exts)})")
             img = decode_image(found[1], found[0], where=where, max_pixels=max_pixels)
             for r in rows:
-                decoded[r] = img
+                decoded[r], keys[r] = img, sample.key
             remaining -= 1
             if remaining == 0:
                 break
         if remaining:
             raise ShardError(f"shard {shard}: {remaining} sample(s) named by the manifest are not in it")
+    return decoded, keys
+
+
+def mixed_sizes(decoded: Sequence[np.ndarray], keys: Sequence[str], shards: Sequence[str]) -> str | None:
+    """The one-line error for images of several sizes (None if they share one): each size with the
+    first sample that has it, and the config keys that resize them."""
+    first: dict[tuple[int, int], int] = {}
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for i, d in enumerate(decoded):
+        first.setdefault(d.shape[:2], i)
+        counts[d.shape[:2]] += 1
+    if len(first) < 2:
+        return None
+    shown = [f"{h}x{w} ({counts[(h, w)]}, first {keys[i]!r} in {os.path.basename(shards[i])}, shape "
+             f"{tuple(decoded[i].shape)})" for (h, w), i in list(first.items())[:3]]
+    more = f" and {len(first) - 3} more" if len(first) > 3 else ""
+    side = max(max(counts, key=counts.get))
+    return (f"images have {len(first)} different sizes: {'; '.join(shown)}{more}. Set embed.image_size and "
+            f"verify.image_size (e.g. --set embed.image_size={side} --set verify.image_size={side}): every image "
+            "is then resized to that square")
+
+
+def load_images(shards: Sequence[str], offsets: Sequence[int], image_exts: Sequence[str],
+                image_size: int | None = None, channels: int | None = None,
+                max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None) -> np.ndarray:
+    """Images at (shard, offset) pairs, in the given order, as uint8 [N, C, H, W].
+
+    `channels` fixes C (grey repeated to RGB, RGB averaged to grey); pass the training
+    pool's count so that train, validation, test and subsets agree. Default: the most
+    channels among these images. `max_member_bytes` / `max_pixels`: the run's `index.` limits,
+    for shards the index stage did not check (verify's test split).
+    """
+    decoded, keys = decode_samples(shards, offsets, image_exts, max_member_bytes, max_pixels)
     if not decoded:
         return np.zeros((0, 1, 1, 1), np.uint8)
-    shapes = {d.shape[:2] for d in decoded}
     channels = channels or max(1 if d.ndim == 2 else d.shape[2] for d in decoded)
-    if image_size is None and len(shapes) > 1:
-        raise CurateError(f"images have {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): set image_size in the config")
+    if image_size is None:
+        problem = mixed_sizes(decoded, keys, shards)
+        if problem:
+            raise CurateError(problem)
     return np.stack([to_chw(d, image_size, channels) for d in decoded])
 
 

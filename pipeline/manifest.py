@@ -20,6 +20,12 @@ COMMON_SCHEMA = pa.schema([
     ("caption", pa.string()),
 ])
 
+# Where an ingested sample came from (its file, relative to the ingest's --src); null for sources
+# without files (digits, idx, cifar). index.parquet adds it after the common columns, and every
+# manifest built from the index carries it. It is not in COMMON_SCHEMA, so tables built without
+# it (a distilled set's manifest, scores.parquet) stay valid.
+SOURCE_FIELD = pa.field("source", pa.string())
+
 SELECTION_FIELDS = [
     ("selected", pa.bool_()),
     ("weight", pa.float32()),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 # What a method may read, and the unit that writes it: a unit's upstream follows from its needs.
 NEEDS = {
     "labels": "index",       # a label on every sample
+    "images": "index",       # the decoded training images (the index's shards): for scores that train models
     "validation": "index",   # the validation split (index/val.parquet)
     "embeddings": "embed",   # embed/embeddings.npy
     "gradients": "embed",    # embed/grads.npy: the proxy's last-layer p - y (x [h, 1] with the embeddings)
@@ -46,6 +47,8 @@ SCORES = {
     "prototype": ScoreMethod(frozenset({"labels", "embeddings"})),
     "influence": ScoreMethod(frozenset({"labels", "dynamics", "embeddings", "validation"}), value=True),
     "clip": ScoreMethod(frozenset({"embeddings", "captions"}), value=True),
+    # confident learning on out-of-fold probabilities of models trained here (score.label_issues)
+    "label_issues": ScoreMethod(frozenset({"labels", "images"})),
 }
 SCORE_METHODS = tuple(SCORES)
 VALUE_SCORES = frozenset(m for m, s in SCORES.items() if s.value)

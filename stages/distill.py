@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import CurateError, ShardError
-from pipeline.manifest import COMMON_SCHEMA, read_parquet, write_parquet
-from pipeline.shards import ShardWriter, check_safe, decode_label, iter_shard, write_text_atomic
+from pipeline.errors import CurateError
+from pipeline.manifest import COMMON_SCHEMA, write_parquet
+from pipeline.shards import ShardWriter, write_text_atomic
 from pipeline.arrays import num_classes_of
 from pipeline.stage import Resources, Stage, StageContext
 

@@ -2,25 +2,27 @@
 
 Reads each `verify/<set>/result.json`, puts the rows in report order (full data, selections,
 online methods, distilled sets, random baselines; one `random-n<k>` row per size, none where
-a `random` selection has that size), adds relative error, speed-ups and energy ratio against
-the full-data row, and writes report.json, report.md and the two PNG plots
-(pipeline.report draws them; `curate report --run DIR` redraws them from report.json).
+a `random` selection has that size), adds relative error, speed-ups (of median training
+times) and energy ratio against the full-data row, checks that the full-data baseline has
+converged (pipeline.report.convergence), and writes report.json, report.md and the two PNG
+plots (pipeline.report draws them; `curate report --run DIR` redraws them from report.json).
 """
 
 from __future__ import annotations
 
 import json
 
-from pipeline.report import plot_report, render_markdown
+from pipeline.report import convergence, full_row, plot_report, render_markdown
 from pipeline.stage import Stage, StageContext
 
 # the recipe settings report.json's `protocol` shows
-PROTOCOL = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma", "augment",
-            "bf16", "channels_last", "width", "ipc_epochs")
+PROTOCOL = ("steps", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
+            "augment", "bf16", "channels_last", "width", "ipc_epochs")
 
 
 def compare_with_full(rows: list[dict]) -> None:
-    """Relative error, speed-ups and energy ratio of every row against the full-data row."""
+    """Relative error, speed-ups and energy ratio of every row against the full-data row; the
+    speed-ups divide median training times (`train_seconds`, over seeds)."""
     full = rows[0]
     for r in rows:
         r["rel_error"] = (1 - r["acc_mean"]) - (1 - full["acc_mean"])
@@ -49,13 +51,13 @@ def report_rows(sets: list, results: list[dict]) -> list[dict]:
 
 class ReportStage(Stage):
     name = "report"
-    version = 1
+    version = 2
 
     def config(self, cfg, sel, entry=None):
         """What the report's header states beside the rows."""
         v = cfg.verify
         c = {"recipe": v.recipe, "epochs": v.clip.epochs if v.recipe == "clip" else v.epochs, "seeds": v.seeds,
-             "protocol": v.model_dump(include=set(PROTOCOL))}
+             "training_protocol": v.protocol, "steps": v.steps, "protocol": v.model_dump(include=set(PROTOCOL))}
         if v.recipe == "clip":
             c.update(prompts=v.prompts, clip=v.clip.model_dump())
         return c
@@ -71,12 +73,16 @@ class ReportStage(Stage):
         compare_with_full(rows)
         full = results[0]  # verify/full: the figures every unit shares
         report = {"metric": full["metric"], "dataset": ctx.cfg.dataset, "recipe": c["recipe"], "epochs": c["epochs"],
-                  "seeds": c["seeds"], "device": full["device"], "train_samples": full["train_samples"],
-                  "test_samples": full["test_samples"], "protocol": c["protocol"], "rows": rows}
+                  "steps": c["steps"], "training_protocol": c["training_protocol"], "seeds": c["seeds"],
+                  "device": full["device"], "train_samples": full["train_samples"],
+                  "test_samples": full["test_samples"], "protocol": c["protocol"],
+                  "convergence": convergence(full_row(rows)), "rows": rows}
         if c["recipe"] == "clip":
             report.update(captions_truncated=full["captions_truncated"], prompts=c["prompts"], clip=c["clip"])
         (ctx.out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         (ctx.out / "report.md").write_text(render_markdown(report))
+        if report["convergence"]["converged"] is False:
+            print(f"report: WARNING {report['convergence']['warning']}")
         try:
             plot_report(report, ctx.out)
         except Exception as exc:  # the trainings are worth more than their pictures

@@ -12,11 +12,18 @@ Methods (kernels in pipeline.sampling and stages.kernels.coresets):
 - difficulty: the hardest / easiest by a score column (value scores count as
   difficulty negated: low value = hard);
 - ccs: coverage-centric selection over score strata;
-- dedup: SemDeDup on the embeddings; its `budget` column holds the kept fraction;
+- dedup: near-duplicates by content (the pixels, read here batch by batch; the default) or
+  SemDeDup on the embeddings; its `budget` column holds the kept fraction, `dup_of` and
+  `dup_similarity` each removed sample's kept twin;
+- clean: drops suspected label issues (label_issues' flagged samples, or the worst `fraction`
+  by a score); no budget either, its `budget` column holds the kept fraction;
 - image-caption pairs (embed/embeddings.npy and text_embeddings.npy): clipcov (cross-covariance
   preserving greedy per pseudo-class), clipscore (top pairs by image-caption cosine, or a
   threshold), sas (facility location per pseudo-class on augmented-view image embeddings).
   Pseudo-classes: k-means on the image embeddings, or the labels (`groups: labels`).
+
+Neighbour searches and k-means (craig's sparse graph, SemDeDup's and the pseudo-classes' k-means)
+follow the run's `knn:` section (pipeline.config.knn), passed to the kernels as a plain dict.
 """
 
 from __future__ import annotations
@@ -106,8 +113,13 @@ class Pool:
         from stages.kernels.coresets.clipcov import kmeans_groups
 
         groups = kmeans_groups(self.embeddings, min(spec.clusters, len(self.rows)), seed=self.ctx.cfg.seed,
-                               device=self.ctx.device)
+                               device=self.ctx.device, knn=self.knn)
         return groups, proportional_allocation(np.bincount(groups), k)
+
+    @property
+    def knn(self) -> dict | None:
+        """The run's `knn:` section as the unit's fingerprint holds it (None where the method uses none)."""
+        return self.ctx.config.get("knn")
 
     def features(self, kind: str, device):
         """Feature space for similarity / matching: last-layer gradients, p - y, or embeddings."""
@@ -157,7 +169,7 @@ def _craig(pool, spec, k, seed, device):
     groups, alloc = pool.class_alloc(k)
     pos, w, info = craig(pool.features(spec.features, device), groups, alloc, metric=spec.metric,
                          optimizer=spec.optimizer, eps=spec.eps, graph=spec.graph, dense_max=spec.dense_max,
-                         knn=spec.knn, seed=seed)
+                         knn=spec.knn, knn_options=pool.knn, seed=seed)
     for c in info["saturated"]:
         log.warning("select %s: class %d has fewer distinct feature vectors than its budget; "
                     "later picks add nothing and tied samples share weight", spec.sel_name, c)
@@ -194,13 +206,80 @@ def _ccs(pool, spec, k, seed, device):
     return ccs_subset(pool.difficulty(spec.score), k, beta=spec.beta, bins=spec.bins, seed=seed), None, {}
 
 
-def _dedup(pool, spec, k, seed, device):
-    from stages.kernels.coresets.dedup import removed_per_class, semdedup
+CONTENT_MAX_SIDE = 64  # content dedup: larger images, or a pool of mixed sizes, are resized to this square first
 
-    keep, _ = semdedup(pool.embeddings, eps=spec.eps, clusters=spec.clusters, seed=seed, device=device,
-                       center=spec.center)
+
+def _content_dedup(pool, spec, device):
+    """Content-feature dedup of the pool's images: thumbnails batch by batch (one pass), then the
+    pairwise walk, which reads each block's pixels again for its shifted views (a second pass):
+    memory holds [N, 256] features and one block of images, never the whole pool's pixels."""
+    from stages.kernels.content import shifted_thumbnails, thumbnails
+    from stages.kernels.coresets.dedup import BLOCK, content_dedup
+
+    ctx = pool.ctx
+    table = ctx.index().table.take(pa.array(pool.rows))
+    shapes = ctx.upstream("index").record.get("metrics", {}).get("image_shapes") or []
+    size = None if len(shapes) == 1 and max(shapes[0][:2]) <= CONTENT_MAX_SIDE else CONTENT_MAX_SIDE
+    n = len(pool.rows)
+
+    def read(s, e):
+        return ctx.images(table.slice(s, e - s), size)
+
+    blocks = [(s, min(s + BLOCK, n)) for s in range(0, n, BLOCK)]
+    with ctx.progress(n, f"select {spec.sel_name}: content features", " img") as step:
+        parts = []
+        for s, e in blocks:
+            parts.append(thumbnails(read(s, e), device=device))
+            step(e - s)
+    feats = np.concatenate([p.cpu().numpy() for p in parts]) if parts else np.zeros((0, 1), np.float32)
+    with ctx.progress(n, f"select {spec.sel_name}: comparing", " img") as step:
+        def views(s, e):
+            v = shifted_thumbnails(read(s, e), device=device)
+            step(e - s)
+            return v
+
+        return content_dedup(feats, eps=spec.eps, views=views, device=device, block=BLOCK)
+
+
+def _dedup(pool, spec, k, seed, device):
+    from stages.kernels.coresets.dedup import check_removed, nn_quantiles, removed_per_class, semdedup_walk
+
+    if spec.features == "content":
+        res = _content_dedup(pool, spec, device)
+    else:
+        res = semdedup_walk(pool.embeddings, eps=spec.eps, clusters=spec.clusters, seed=seed, device=device,
+                            center=spec.center, knn=pool.knn)
+    check_removed(res, eps=spec.eps, max_removed=spec.max_removed, what=f" ({spec.features} features)")
+    keep = res.keep
     removed = removed_per_class(keep, pool.labels) if (pool.labels >= 0).all() else {}
-    return np.flatnonzero(keep), None, {"removed": int((~keep).sum()), "removed_per_class": removed}
+    twins = res.dup_of >= 0
+    columns = {"dup_of": (pa.int64(), pool.rows[np.maximum(res.dup_of, 0)], twins),
+               "dup_similarity": (pa.float32(), res.dup_sim.astype(np.float32), twins)}
+    return np.flatnonzero(keep), None, {"removed": int((~keep).sum()), "removed_per_class": removed,
+                                        "features": spec.features, "threshold": round(1.0 - spec.eps, 6),
+                                        "nn_similarity": nn_quantiles(res.nn_sim), "columns": columns}
+
+
+def _clean(pool, spec, k, seed, device):
+    """Keep the candidates that are not suspected label issues (row order): those label_issues
+    flagged (score/label_issues.parquet), or the worst `fraction` by the score (ties: the earlier
+    row goes first)."""
+    if spec.fraction is None:
+        flags = read_parquet(pool.ctx.input_dir("score") / "label_issues.parquet", ["flagged"])
+        drop = flags.column(0).to_numpy(zero_copy_only=False)[pool.rows]
+        if drop.mean() > spec.max_removed:
+            raise CurateError(f"clean would remove {drop.mean():.1%} of its pool ({int(drop.sum())} of {len(drop)}) as "
+                              f"label issues, more than max_removed {spec.max_removed:g}: check score/oof_probs.npy "
+                              "(undertrained fold models flag much: score.label_issues.epochs), or raise max_removed")
+    else:
+        bad = pool.difficulty(spec.score)  # higher = worse; value scores negated
+        drop = np.zeros(len(bad), bool)
+        drop[np.argsort(-bad, kind="stable")[:int(round(spec.fraction * len(bad)))]] = True
+    if drop.all():
+        raise CurateError(f"clean by {spec.score} drops every one of its {len(drop)} candidates")
+    labelled = (pool.labels >= 0).all()
+    per_class = np.bincount(pool.labels[drop], minlength=int(pool.labels.max()) + 1).tolist() if labelled else []
+    return np.flatnonzero(~drop), None, {"removed": int(drop.sum()), "removed_per_class": per_class}
 
 
 def _clipcov(pool, spec, k, seed, device):
@@ -236,6 +315,15 @@ def _sas(pool, spec, k, seed, device):
 METHODS = {m: globals()[f"_{m}"] for m in SELECT_METHODS}  # a method without its function fails here
 
 
+def uses_knn(sel) -> bool:
+    """Whether a selection runs a neighbour search or k-means (stages.kernels.knn): craig with a sparse
+    (or auto) graph, dedup on embeddings, clipcov and sas with k-means groups. Only those units hold
+    the run's `knn:` section in their config, so changing it reruns them and no others."""
+    return ((sel.method == "craig" and sel.graph != "dense")
+            or (sel.method == "dedup" and sel.features == "embeddings")
+            or (sel.method in ("clipcov", "sas") and sel.groups == "kmeans"))
+
+
 class SelectStage(Stage):
     name = "select"
     version = 3
@@ -243,7 +331,10 @@ class SelectStage(Stage):
     resources = Resources(cpus=1)  # kernels use a GPU when the run has one, and need none
 
     def config(self, cfg, sel, entry=None):
-        return {"seed": cfg.seed, **sel.params()}
+        c = {"seed": cfg.seed, **sel.params()}
+        if uses_knn(sel):
+            c["knn"] = cfg.knn.model_dump()
+        return c
 
     def upstream(self, cfg, sel):
         units = providers(sel.needs)
@@ -277,6 +368,12 @@ class SelectStage(Stage):
         chosen_rows = pool.rows[np.asarray(pos, np.int64)]
         budget = spec.budget if spec.budget is not None else len(chosen_rows) / index.num_rows
         table = selection_table(index, chosen_rows, weights, spec.method, budget)
+        for name, (typ, values, valid) in info.pop("columns", {}).items():  # per candidate (dedup's twins)
+            full = np.zeros(index.num_rows, values.dtype)
+            full[pool.rows] = values
+            null = np.ones(index.num_rows, bool)
+            null[pool.rows] = ~valid
+            table = table.append_column(pa.field(name, typ), pa.array(full, typ, mask=null))
         write_parquet(table, ctx.out / "selection.parquet", stage=self.name, stage_version=self.version,
                       fingerprint=ctx.fingerprint, extra={"selection": spec.sel_name})
         has_labels = (labels[chosen_rows] >= 0).any()

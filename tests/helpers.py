@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("CURATE_FMNIST", REPO.parent / "shared" / "datasets" / "fashion-mnist"))
+CURATE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def curate(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, as a user runs it."""
+    return subprocess.run([*CURATE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def one_line_error(res) -> str:
+    """The CLI failed with exit 1 and exactly one `error: ...` line on stderr (no traceback)."""
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
 
 
 def fast_config(run_dir: Path, **sections) -> dict:
@@ -69,3 +85,23 @@ def rewrite_shard(path: Path, edit) -> None:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     path.write_bytes(buf.getvalue())
+
+
+def plant_label_noise(catalog: Path, dest: Path, rate: float = 0.1, seed: int = 0) -> tuple[Path, set[str]]:
+    """A copy of the catalog folder of `catalog` in `dest` whose training labels are moved to another
+    class with probability `rate` (seeded): (the copy's catalog, the keys flipped)."""
+    import shutil
+
+    import numpy as np
+
+    shutil.copytree(catalog.parent, dest)
+    rng = np.random.default_rng(seed)
+    flipped = set()
+    for shard in sorted((dest / "shards").glob("train-*.tar")):
+        def edit(key, members):
+            if rng.random() < rate:
+                flipped.add(key)
+                members["cls"] = str((int(members["cls"]) + 1 + rng.integers(9)) % 10).encode()
+            return key, members
+        rewrite_shard(shard, edit)
+    return dest / catalog.name, flipped

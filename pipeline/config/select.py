@@ -101,13 +101,34 @@ class CcsSpec(SelectSpec):
     bins: int = Field(50, ge=1)
 
 
+class _DedupNeeds:
+    """DedupSpec.needs: nothing upstream for content features (the index's images), the embed
+    unit's embeddings for `features: embeddings`. On the class: the default's (content)."""
+
+    def __get__(self, spec, cls):
+        return frozenset({"embeddings"}) if spec is not None and spec.features == "embeddings" else frozenset()
+
+
+DEDUP_EPS = {"content": 0.002, "embeddings": 0.05}  # default eps per feature space
+
+
 class DedupSpec(SelectSpec):
-    needs = frozenset({"embeddings"})
+    """Drop near-duplicates: every sample whose similarity to an already kept one exceeds 1 - eps.
+
+    features: `content` (default) compares the pixels (stages.kernels.content: centre thumbnails,
+    one-pixel shifts), with no model, keeping the first occurrence; `embeddings` runs SemDeDup on
+    the embed unit's embeddings (proxy, open_clip or precomputed). A dedup that would remove more
+    than `max_removed` of its pool stops with the share and the similarity quantiles.
+    """
+
+    needs = _DedupNeeds()
     method: Literal["dedup"]
     budget: None = None  # keeps whatever is not a near-duplicate
-    eps: float = Field(0.05, gt=0, lt=2)  # drop when cosine similarity to a kept sample > 1 - eps
-    clusters: int | None = Field(None, ge=1)  # k-means clusters; default N // 1000
-    center: bool = True  # subtract the mean embedding before cosine (see stages.kernels.coresets.dedup)
+    features: Literal["content", "embeddings"] = "content"
+    eps: float | None = Field(None, gt=0, lt=2)  # drop when similarity to a kept sample > 1 - eps; default per features
+    max_removed: float = Field(0.2, gt=0, le=1)  # stop instead of removing more than this share of the pool
+    clusters: int | None = Field(None, ge=1)  # embeddings: k-means clusters; default N // 1000
+    center: bool = True  # embeddings: subtract the mean embedding before cosine (see stages.kernels.coresets.dedup)
     device: DEVICE = "auto"
 
     @field_validator("budget", mode="before")
@@ -117,9 +138,55 @@ class DedupSpec(SelectSpec):
             raise ValueError("dedup takes no budget: eps decides what it keeps (set a budget on a selection whose pool is this one)")
         return v
 
+    @model_validator(mode="after")
+    def _per_features(self):
+        if self.features == "content":  # a saved config repeats the defaults: only other values are refused
+            extra = [k for k, default in (("clusters", None), ("center", True)) if getattr(self, k) != default]
+            if extra:
+                raise ValueError(f"{' and '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} to features: embeddings, not content")
+        if self.eps is None:
+            self.eps = DEDUP_EPS[self.features]
+        return self
+
     @property
     def sel_name(self) -> str:
-        return self.name or f"dedup-eps{self.eps}"
+        what = "" if self.features == "content" else f"{self.features}-"
+        return self.name or f"dedup-{what}eps{self.eps}"
+
+
+class CleanSpec(SelectSpec):
+    """Drop suspected label issues: with `score: label_issues` and no `fraction`, the samples
+    confident learning flagged; otherwise the worst `fraction` of the candidates by `score`
+    (the highest, or the lowest of a value score such as knn_shapley). No budget: it keeps what
+    is left, named `clean-<score>[-<fraction>]`, its `budget` column holds the kept fraction.
+    Flagged samples are a model's verdict: more than `max_removed` of the pool stops the selection
+    (an undertrained fold model flags most of a dataset) unless the limit is raised."""
+
+    needs = frozenset({"scores"})
+    method: Literal["clean"]
+    budget: None = None
+    score: Literal[SCORE_METHODS]
+    fraction: float | None = Field(None, gt=0, lt=1)  # share of the candidates (the pool) to drop
+    max_removed: float = Field(0.2, gt=0, le=1)  # flagged mode: stop instead of dropping more than this share
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check(cls, v):  # replaces SelectSpec's budget check
+        if v is not None:
+            raise ValueError("clean takes no budget: it drops the flagged samples, or `fraction` of them by score "
+                             "(set a budget on a selection whose pool is this one)")
+        return v
+
+    @model_validator(mode="after")
+    def _fraction(self):
+        if self.fraction is None and self.score != "label_issues":
+            raise ValueError(f"clean by score {self.score} needs a fraction to drop (only label_issues flags "
+                             "samples itself), e.g. fraction: 0.1")
+        return self
+
+    @property
+    def sel_name(self) -> str:
+        return self.name or f"clean-{self.score}" + (f"-{self.fraction}" if self.fraction is not None else "")
 
 
 GROUPS = Literal["kmeans", "labels"]  # pseudo-classes of image-caption data: k-means on embeddings, or labels
@@ -178,7 +245,7 @@ class SasSpec(SelectSpec):
 
 
 SPEC_TYPES = (RandomSpec, StratifiedSpec, CraigSpec, GradMatchSpec, DifficultySpec, CcsSpec, DedupSpec,
-              ClipCovSpec, ClipScoreSpec, SasSpec)
+              ClipCovSpec, ClipScoreSpec, SasSpec, CleanSpec)
 SELECT_SPECS: dict[str, type[SelectSpec]] = dict(zip(method_names(SPEC_TYPES), SPEC_TYPES))
 SELECT_METHODS = tuple(SELECT_SPECS)
 CAPTION_METHODS = frozenset(m for m, c in SELECT_SPECS.items() if "captions" in c.needs)

@@ -39,11 +39,21 @@ class OnlineSpec(Section):
         return self.name or f"{self.label}-{self.budget}"
 
 
+DEFAULT_EPOCHS = 20  # the fixed-epochs protocol's default (the DD ConvNet recipe's)
+
+
 class VerifyConfig(Section):
-    """The fixed training protocol every training set gets (defaults: the DD ConvNet recipe)."""
+    """The fixed training protocol every training set gets (defaults: the DD ConvNet recipe).
+
+    Exactly one of two budgets governs: `epochs` (fixed epochs, the default: a subset of 10%
+    gets a tenth of full data's optimiser steps) or `steps` (equal steps: every set, full data,
+    subsets, distilled sets, gets exactly `steps` optimiser steps, epochs derived per set, the
+    schedule and `milestones` counted in steps; the fair comparison when subsets are small).
+    """
 
     recipe: Literal["convnet3", "resnet18", "mlp", "small_cnn", "clip"] = "convnet3"
-    epochs: int = Field(20, ge=1)
+    epochs: int | None = Field(None, ge=1)  # fixed epochs: 20 unless `steps` is set (then None)
+    steps: int | None = Field(None, ge=1)  # set: the equal-steps protocol (epochs and ipc_epochs unused)
     seeds: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.01, gt=0)
@@ -51,7 +61,7 @@ class VerifyConfig(Section):
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["step", "cosine"] = "step"
-    milestones: list[int] | None = None  # step: epochs where lr is multiplied by gamma (default: half-way)
+    milestones: list[int] | None = None  # step: epochs (steps under `steps`) where lr x gamma (default: half-way)
     gamma: float = Field(0.1, gt=0, le=1)
     augment: Literal["none", "crop_flip"] = "none"
     bf16: bool = True  # CUDA only
@@ -86,11 +96,26 @@ class VerifyConfig(Section):
     def _expand(cls, v):
         return expand_budgets(v)
 
+    @property
+    def protocol(self) -> str:
+        """`steps` (equal steps) or `epochs` (fixed epochs): which budget governs every training."""
+        return "steps" if self.steps is not None else "epochs"
+
     @model_validator(mode="after")
     def _check(self):
+        if self.steps is None and self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS
+        if self.steps is not None:
+            if self.epochs is not None:
+                raise ValueError("verify.epochs and verify.steps are both set: exactly one governs the training "
+                                 "(steps: every set gets that many optimiser steps; drop one)")
+            if self.recipe == "clip":
+                raise ValueError("verify.steps trains classifiers; recipe clip trains for verify.clip.epochs "
+                                 "(drop verify.steps)")
+        length, unit = (self.steps, "steps") if self.steps is not None else (self.epochs, "epochs")
         for m in self.milestones or []:
-            if not 0 < m < self.epochs:
-                raise ValueError(f"milestone {m} is outside the training (1..{self.epochs - 1})")
+            if not 0 < m < length:
+                raise ValueError(f"milestone {m} is outside the training (1..{length - 1} {unit})")
         if self.recipe == "clip" and self.online:
             raise ValueError("online selection trains classifiers; recipe clip trains a CLIP on pairs (drop verify.online)")
         check_names("online", [s.sel_name for s in self.online])

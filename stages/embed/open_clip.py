@@ -65,12 +65,20 @@ def encode_images(model, preprocess, manifest_path, *, device: torch.device, bat
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], *, device: torch.device, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised text embeddings, float16 [N, D]."""
+def encode_texts(model, tokenizer, texts: list[str], *, device: torch.device, batch_size: int = 256,
+                 progress=None) -> np.ndarray:
+    """L2-normalised text embeddings, float16 [N, D]. Without a `progress(n)` callback, the captions
+    get their own bar (and progress lines where the output is not a terminal)."""
+    if progress is None:
+        from pipeline.progress import progress as bar
+
+        with bar(len(texts), "embed: open_clip captions", unit=" txt") as step:
+            return encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size, progress=step)
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[i:i + batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             f = model.encode_text(tokens)
         out.append(torch.nn.functional.normalize(f.float(), dim=-1).half().cpu())
+        progress(len(tokens))
     return torch.cat(out).numpy()

@@ -27,10 +27,13 @@ from stages.learn.online.base import ModelView, Selector, Static
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train: SGD with momentum, a fixed epoch count and an lr schedule.
+    """How to train: SGD with momentum, a fixed epoch count (or step count) and an lr schedule.
 
-    schedule: `cosine` (per step, to zero) or `step` (lr x `gamma` at each epoch in
-    `milestones`). augment: `none`, `crop_flip` (random 4 px shifted crop and
+    `steps` set: exactly that many optimiser steps whatever the training set's size (the
+    equal-steps protocol); epochs follow from it, the last one partial, and the schedule
+    runs on steps: `cosine` to zero at the last step, `step` with `milestones` counted in
+    steps. Otherwise `epochs` full passes with `cosine` (per step, to zero) or `step`
+    (lr x `gamma` at each epoch in `milestones`). augment: `none`, `crop_flip` (random 4 px shifted crop and
     horizontal flip, per sample) or `dsa:<kinds>` (stages.learn.augment, per sample, e.g.
     `dsa:color_crop_flip`: how distilled sets are evaluated). bf16 and channels_last apply on CUDA only.
     """
@@ -46,12 +49,19 @@ class Recipe:
     augment: str = "none"
     bf16: bool = True
     channels_last: bool = True
+    steps: int | None = None  # the equal-steps protocol: this many optimiser steps, `epochs` unused
 
     def lr_at(self, epoch: int, frac: float) -> float:
-        """Learning rate at `frac` in [0, 1) through `epoch`."""
+        """Learning rate at `frac` in [0, 1) through `epoch` (the fixed-epochs protocol)."""
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch + frac) / self.epochs))
+
+    def lr_at_step(self, step: int) -> float:
+        """Learning rate of optimiser step `step` (0-based) of `steps` (the equal-steps protocol)."""
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(step >= m for m in self.milestones)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * step / self.steps))
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -86,14 +96,24 @@ class TrainingLoop:
     their epochs. Iterating yields the epoch numbers; after each epoch it calls
     `on_epoch_end(epoch)`, then `progress(1)`. The wall clock starts before the first epoch
     and stops after the last, CUDA synchronised at both ends (queued kernels are billed):
-    `seconds`. `step` takes one optimiser step and counts it (`steps`, `samples`, `last` loss)."""
+    `seconds`. `step` takes one optimiser step and counts it (`steps`, `samples`, `last` loss,
+    every step's loss for `loss_curve`). With `max_steps` the epochs go on until that many
+    steps are taken (`done` tells the inner loop to stop mid-epoch); `epochs` is then only the
+    planned count a selector's schedule was told."""
 
-    def __init__(self, epochs: int, device: torch.device, *, progress=None, on_epoch_end=None):
-        self.epochs, self.device = epochs, device
+    def __init__(self, epochs: int, device: torch.device, *, progress=None, on_epoch_end=None,
+                 max_steps: int | None = None):
+        self.epochs, self.device, self.max_steps = epochs, device, max_steps
         self.progress, self.on_epoch_end = progress, on_epoch_end
         self.steps, self.samples = 0, 0
         self.last: torch.Tensor | float = float("nan")
+        self.losses: list[torch.Tensor] = []  # detached, stacked once at the end (no sync per step)
         self.seconds = float("nan")
+        self.epochs_run = 0
+
+    @property
+    def done(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -102,12 +122,18 @@ class TrainingLoop:
     def __iter__(self) -> Iterator[int]:
         self._sync()
         start = time.perf_counter()
-        for epoch in range(self.epochs):
+        epoch = 0
+        while not self.done if self.max_steps is not None else epoch < self.epochs:
+            before = self.steps
             yield epoch
+            if self.max_steps is not None and self.steps == before:
+                raise ValueError(f"epoch {epoch} took no optimiser step: {self.max_steps} steps cannot be reached")
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch)
             if self.progress:
                 self.progress(1)
+            epoch += 1
+        self.epochs_run = epoch
         self._sync()
         self.seconds = time.perf_counter() - start
 
@@ -124,11 +150,22 @@ class TrainingLoop:
         self.steps += 1
         self.samples += samples
         self.last = loss.detach()
+        self.losses.append(self.last)
         return self.last
 
+    def loss_curve(self, parts: int = 10) -> list[float]:
+        """The training loss as it went: the mean step loss over each of `parts` equal shares of
+        the steps (fewer shares when there were fewer steps)."""
+        if not self.losses:
+            return []
+        per_step = torch.stack(self.losses).float().cpu().numpy()
+        return [float(c.mean()) for c in np.array_split(per_step, min(parts, len(per_step)))]
+
     def result(self) -> dict:
-        """What both trainers return: seconds, final_loss (the last step's), steps, epochs."""
-        return {"seconds": self.seconds, "final_loss": float(self.last), "steps": self.steps, "epochs": self.epochs}
+        """What both trainers return: seconds, final_loss (the last step's), steps, epochs (run),
+        loss_curve."""
+        return {"seconds": self.seconds, "final_loss": float(self.last), "steps": self.steps,
+                "epochs": self.epochs_run, "loss_curve": self.loss_curve()}
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
@@ -140,6 +177,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     `recipe` or its fields as keywords (epochs=..., batch_size=..., lr=...). `selector`
     decides each step's samples (default: every sample, or the `weights` subset, once per
     epoch). `on_epoch_end(epoch)` runs after each epoch (the proxy records dynamics there).
+    With `recipe.steps` it stops after exactly that many steps, and `epochs` in the result is
+    steps / planned steps per epoch (a float: the last epoch may be partial).
     """
     recipe = recipe or Recipe(**recipe_fields)
     n = len(labels)
@@ -164,16 +203,22 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     view = ModelView(model, x, y, prepare=prepare, device=device,
                      num_classes=num_classes or int(np.max(labels)) + 1, batch_size=recipe.batch_size,
                      epochs=recipe.epochs, seed=seed, autocast=autocast)
+    if recipe.steps is not None:  # the selector's schedule (re-selection epochs, progress) sees the derived epochs
+        per_epoch = planned_steps_per_epoch(selector, view)
+        view.epochs = math.ceil(recipe.steps / per_epoch)
     selector.setup(view)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    loop = TrainingLoop(recipe.epochs, device, progress=progress, on_epoch_end=on_epoch_end)
+    loop = TrainingLoop(view.epochs, device, progress=progress, on_epoch_end=on_epoch_end, max_steps=recipe.steps)
     for epoch in loop:
         model.train()
         batches = list_or_stream(selector, epoch, view)
         total = len(batches) if isinstance(batches, list) else selector.steps_per_epoch(view)
         for b, batch in enumerate(batches):
-            loop.set_lr(opt, recipe.lr_at(epoch, min(b / total, 1.0) if total else 0.0))
+            if loop.done:
+                break
+            loop.set_lr(opt, recipe.lr_at_step(loop.steps) if recipe.steps is not None
+                        else recipe.lr_at(epoch, min(b / total, 1.0) if total else 0.0))
             xb, yb = view.inputs(batch.rows)
             if xb.ndim == 4:
                 xb = augment_batch(xb, recipe.augment, aug_gen)
@@ -186,7 +231,32 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
                 wb = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
                 loss = (per * wb).sum() / wb.sum()
             loop.step(opt, loss, len(batch.rows))
-    return {**loop.result(), "backprop_samples": loop.samples, "probe_samples": view.forwards, **selector.stats()}
+    out = {**loop.result(), "backprop_samples": loop.samples, "probe_samples": view.forwards, **selector.stats()}
+    if recipe.steps is not None:
+        out["epochs"] = round(loop.steps / per_epoch, 4)
+    return out
+
+
+def planned_steps_per_epoch(selector: Selector, view: ModelView) -> int:
+    """Steps one epoch takes: the selector's own count where it knows one (online methods),
+    else one per batch of its fixed rows (all rows before an adaptive method's first selection)."""
+    known = selector.steps_per_epoch(view)
+    if known:
+        return int(known)
+    rows = getattr(selector, "rows", None)
+    return max(1, math.ceil((view.n if rows is None else len(rows)) / view.batch_size))
+
+
+@torch.no_grad()
+def fit_on(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, device: torch.device) -> dict:
+    """How well the trained model fits its own training set, measured in one clean pass after
+    training (eval mode, no augmentation, unweighted): mean cross-entropy and accuracy, and the
+    classes it tells apart (ln of which is a uniform guess's loss). Unlike the running loss of
+    the last epoch it is one model, not an average over a moving one."""
+    logits = torch.from_numpy(predict(model, images, device=device))
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    return {"train_loss": float(F.cross_entropy(logits, y)), "train_acc": float((logits.argmax(1) == y).float().mean()),
+            "classes": int(logits.shape[1])}
 
 
 def list_or_stream(selector: Selector, epoch: int, view: ModelView):

@@ -4,9 +4,14 @@ Training sets (pipeline.config.VerifySet, one unit `verify/<set>` each): the ful
 split, every materialized selection (weighted loss from its manifest), a random subset of
 every budget in the run, every online method of `verify.online` (selection inside the
 trainer), and every distilled set (its learned lr and DSA kinds) beside `random-ipc<k>`: k
-random real images per class. Each gets the same recipe, epochs and seeds, and writes
-`result.json`: its report row (test accuracy mean and std, training seconds, curation cost
-from the upstream units' records, energy on a GPU with NVML) and every seed's training.
+random real images per class. Each gets the same recipe, seeds and training budget, and
+writes `result.json`: its report row (test accuracy mean and std; the final training loss and
+accuracy on its own training set; training seconds, median and range over seeds; curation
+cost from the upstream units' records; energy on a GPU with NVML) and every seed's training.
+
+The budget is `verify.epochs` (fixed epochs; distilled and random-ipc sets get `ipc_epochs`)
+or `verify.steps` (equal steps: every set, whatever its size, exactly that many optimiser
+steps; the fair protocol when subsets are small and a fixed epoch count would starve them).
 A unit reads only what its set needs, so a changed budget retrains that set alone; the
 `report` stage compares them with full data.
 """
@@ -28,7 +33,7 @@ from pipeline.methods import ONLINE
 from pipeline.shards import check_safe, decode_label, iter_shard
 from pipeline.stage import Resources, Stage, StageContext
 
-from stages.learn.models import build_model
+from stages.learn.models import build_model, seeded_init
 from pipeline.sampling import budget_count, random_subset
 
 
@@ -63,19 +68,30 @@ class TrainingSet:
     rows: np.ndarray | None = None  # None: the whole training split
     weights: np.ndarray | None = None
     online: object = None  # an OnlineSpec
-    curation: dict | None = None  # stage unit -> wall seconds
+    curation: dict | None = None  # stage unit -> its cost (`curation_cost`)
     ipc: int | None = None  # random: draw this many per class (the baseline of a distilled set)
     data: tuple | None = None  # distilled: (float32 images [N, C, H, W], labels [N])
     lr: float | None = None  # distilled by mtt: the learned lr replaces the recipe's
     augment: str | None = None  # distilled: "dsa:<kinds>" replaces the recipe's augmentation
 
 
-def curation_cost(ctx: StageContext, unit: str) -> dict[str, float]:
-    """Wall seconds of every unit a selection's rows (or a distilled set) depend on (embed, its
-    parts, score, pools; experts), itself included, except index, which full-data training
-    needs as much."""
-    return {up.unit: float(up.record.get("wall_seconds") or 0.0)
-            for up in ctx.ancestors(of=unit) if up.unit != "index"}
+def unit_cost(record: dict) -> dict:
+    """What one unit cost, from its `_stage.json`: its CPU seconds where it ran on the CPU and
+    the runner recorded them (a busy machine stretches wall time, not CPU time), else its wall
+    seconds (older records; a GPU unit, whose device time CPU seconds miss). `basis` says which."""
+    wall = float(record.get("wall_seconds") or 0.0)
+    cpu = record.get("cpu_seconds")
+    basis = "cpu" if cpu is not None and str(record.get("device", "cpu")) == "cpu" else "wall"
+    rss = record.get("peak_rss_bytes")
+    return {"seconds": float(cpu) if basis == "cpu" else wall, "basis": basis, "wall_seconds": wall,
+            "cpu_seconds": None if cpu is None else float(cpu), "peak_rss_bytes": None if rss is None else int(rss)}
+
+
+def curation_cost(ctx: StageContext, unit: str) -> dict[str, dict]:
+    """The cost (`unit_cost`) of every unit a selection's rows (or a distilled set) depend on
+    (embed, its parts, score, pools; experts), itself included, except index, which full-data
+    training needs as much."""
+    return {up.unit: unit_cost(up.record) for up in ctx.ancestors(of=unit) if up.unit != "index"}
 
 
 def per_class_subset(labels: np.ndarray, ipc: int, seed: int) -> np.ndarray:
@@ -128,27 +144,30 @@ def subset_images(ctx: StageContext, sel_name: str, image_size):
 
 
 def recipe_of(c: dict):
+    """The trainer's Recipe of verify's settings: `steps` (equal steps, milestones in steps,
+    default half-way) or `epochs` (milestones in epochs, default half-way)."""
     from stages.learn.trainer import Recipe
 
-    milestones = c["milestones"] if c["milestones"] is not None else [c["epochs"] // 2]
-    return Recipe(epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"], momentum=c["momentum"],
-                  nesterov=c["nesterov"], weight_decay=c["weight_decay"], schedule=c["schedule"],
-                  milestones=tuple(m for m in milestones if m > 0), gamma=c["gamma"], augment=c["augment"],
-                  bf16=c["bf16"], channels_last=c["channels_last"])
+    steps = c.get("steps")
+    length = steps if steps is not None else c["epochs"]
+    milestones = c["milestones"] if c["milestones"] is not None else [length // 2]
+    return Recipe(epochs=c.get("epochs") or 1, steps=steps, batch_size=c["batch_size"], lr=c["lr"],
+                  momentum=c["momentum"], nesterov=c["nesterov"], weight_decay=c["weight_decay"],
+                  schedule=c["schedule"], milestones=tuple(m for m in milestones if m > 0), gamma=c["gamma"],
+                  augment=c["augment"], bf16=c["bf16"], channels_last=c["channels_last"])
 
 
 def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, device, meter: EnergyMeter) -> dict:
-    """Train the recipe once on one training set; test accuracy, seconds, energy, costs.
-    A distilled set trains with its learned lr (mtt) and its DSA kinds instead of the recipe's."""
+    """Train the recipe once on one training set; test accuracy, the final fit on its own
+    training set (`fit_on`: after training, untimed), seconds, steps, energy, costs.
+    A distilled set trains with its learned lr (mtt) and its DSA kinds instead of the recipe's;
+    under fixed epochs it and a random-ipc set train `ipc_epochs`, under equal steps `steps`."""
     from dataclasses import replace
 
-    import torch
-
     from stages.learn.online import make_selector
-    from stages.learn.trainer import accuracy, train_classifier
+    from stages.learn.trainer import accuracy, fit_on, train_classifier
 
-    torch.manual_seed(seed)
-    model = build_model(c["recipe"], x.shape[1:], n_classes, c["width"])
+    model = seeded_init(seed, lambda: build_model(c["recipe"], x.shape[1:], n_classes, c["width"]))
     selector = None
     if ts.kind == "online":
         o = ts.online
@@ -163,11 +182,12 @@ def train_once(c: dict, ts: TrainingSet, x, y, test, n_classes: int, seed: int, 
         recipe = replace(recipe, lr=ts.lr)
     if ts.augment is not None:
         recipe = replace(recipe, augment=ts.augment)
-    if ts.kind == "distilled" or ts.ipc:
+    if (ts.kind == "distilled" or ts.ipc) and recipe.steps is None:
         recipe = replace(recipe, epochs=c["ipc_epochs"], milestones=(max(1, c["ipc_epochs"] // 2),))
     fit = train_classifier(model, x, y, weights=ts.weights if ts.kind == "selection" else None, recipe=recipe,
                            seed=seed, device=device, selector=selector, num_classes=n_classes)
     e1 = meter.read()
+    fit.update(fit_on(model, x, y, device=device))
     fit["acc"] = accuracy(model, test[0], test[1], device=device)
     fit["energy_j"] = None if e0 is None or e1 is None else e1 - e0
     return fit
@@ -177,7 +197,7 @@ def check_input_size(recipe: str, shape: tuple) -> None:
     """convnet3 halves the image three times: below 8 px nothing is left to classify."""
     if recipe == "convnet3" and len(shape) == 3 and min(shape[1:]) < 8:
         raise CurateError(f"verify: recipe convnet3 needs images of at least 8 x 8 px, got {shape[1]} x {shape[2]} "
-                          f"(raise verify.image_size or use recipe mlp)")
+                          "(set verify.image_size to 8 or more, e.g. --set verify.image_size=8, or verify.recipe: mlp)")
 
 
 def warm_up(c: dict, images, labels, n_classes: int, device) -> None:
@@ -189,8 +209,49 @@ def warm_up(c: dict, images, labels, n_classes: int, device) -> None:
     from stages.learn.trainer import train_classifier
 
     k = min(len(labels), c["batch_size"])
+    one = replace(recipe_of(c), epochs=1, milestones=())
     train_classifier(build_model(c["recipe"], images.shape[1:], n_classes, c["width"]), images[:k], labels[:k],
-                     recipe=replace(recipe_of(c), epochs=1), seed=0, device=device, num_classes=n_classes)
+                     recipe=replace(one, steps=1) if one.steps else one, seed=0, device=device, num_classes=n_classes)
+
+
+def timing(seconds: list[float]) -> dict:
+    """Training seconds over seeds: the median (what speed-ups divide; one slow run on a busy
+    machine does not move it) and the range."""
+    s = np.asarray(seconds, np.float64)
+    return {"train_seconds": float(np.median(s)), "train_seconds_min": float(s.min()),
+            "train_seconds_max": float(s.max()), "train_seconds_per_seed": [float(v) for v in s]}
+
+
+def late_loss_drop(curve: list[float]) -> float | None:
+    """How much the running training loss still fell at the end: (mean loss over the
+    second-last tenth of the steps - over the last tenth) / the former. None under 2 tenths."""
+    if len(curve) < 2 or not curve[-2] > 0:
+        return None
+    return float((curve[-2] - curve[-1]) / curve[-2])
+
+
+def fit_summary(fits: list[dict]) -> dict:
+    """The final training loss and accuracy on the set's own training data (`fit_on`), per seed
+    and their means, and the loss's late drop (mean over seeds); empty where not measured (clip)."""
+    if any("train_acc" not in f for f in fits):
+        return {}
+    drops = [late_loss_drop(f.get("loss_curve") or []) for f in fits]
+    return {"train_losses": [f["train_loss"] for f in fits], "train_accs": [f["train_acc"] for f in fits],
+            "train_loss": float(np.mean([f["train_loss"] for f in fits])),
+            "train_acc": float(np.mean([f["train_acc"] for f in fits])), "classes": int(fits[0]["classes"]),
+            "late_loss_drop": None if None in drops else float(np.mean(drops))}
+
+
+def curation_summary(curation: dict | None) -> dict:
+    """A row's curation cost: seconds per unit (CPU or wall, `curation_basis`: cpu, wall or
+    mixed; None without curation), their sum, and the largest peak RSS among the units."""
+    curation = curation or {}
+    bases = {c["basis"] for c in curation.values()}
+    rss = [c["peak_rss_bytes"] for c in curation.values() if c["peak_rss_bytes"] is not None]
+    return {"curation": {u: c["seconds"] for u, c in curation.items()}, "curation_units": curation,
+            "curation_seconds": float(sum(c["seconds"] for c in curation.values())),
+            "curation_basis": None if not bases else bases.pop() if len(bases) == 1 else "mixed",
+            "curation_peak_rss_bytes": max(rss) if rss else None}
 
 
 def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
@@ -198,14 +259,16 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
     energy = [f["energy_j"] for f in fits]
     samples = (max(1, int(round(ts.budget * n_full))) if ts.kind == "online"
                else len(ts.data[1]) if ts.data is not None else n_full if ts.rows is None else len(ts.rows))
+    epochs = float(fits[0]["epochs"])
     row = {"name": ts.name, "kind": ts.kind, "method": ts.method, "budget": ts.budget, "samples": int(samples),
            "fraction": samples / n_full,
            "weighted": ts.weights is not None and bool(np.any(ts.weights != 1)),
            "accs": accs, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-           "train_seconds": float(np.mean([f["seconds"] for f in fits])), "epochs": int(fits[0]["epochs"]),
+           **timing([f["seconds"] for f in fits]), **fit_summary(fits),
+           "steps": int(fits[0]["steps"]), "epochs": int(epochs) if epochs.is_integer() else epochs,
            "backprop_samples": int(fits[0]["backprop_samples"]), "probe_samples": int(fits[0]["probe_samples"]),
-           "backprop_share": fits[0]["backprop_samples"] / fits[0]["epochs"] / n_full,
-           "curation": ts.curation or {}, "curation_seconds": float(sum((ts.curation or {}).values())),
+           "backprop_share": fits[0]["backprop_samples"] / epochs / n_full,
+           **curation_summary(ts.curation),
            "energy_j": None if None in energy else float(np.mean(energy))}
     probes = [f.get("probe") for f in fits]
     if any(p is not None for p in probes):
@@ -214,7 +277,8 @@ def summarise(ts: TrainingSet, fits: list[dict], n_full: int) -> dict:
         row["learned_lr"] = ts.lr
         row["augment"] = ts.augment
     if ts.kind == "online":
-        skip = {"seconds", "final_loss", "steps", "backprop_samples", "probe_samples", "acc", "energy_j"}
+        skip = {"seconds", "final_loss", "steps", "backprop_samples", "probe_samples", "acc", "energy_j",
+                "epochs", "loss_curve", "train_loss", "train_acc", "classes"}
         row["selector"] = json.loads(json.dumps({k: v for k, v in fits[0].items() if k not in skip}, default=str))
     return row
 
@@ -255,7 +319,7 @@ class Journal:
 
 class VerifyStage(Stage):
     name = "verify"
-    version = 3
+    version = 4
     resources = Resources(cpus=1, gpus=1)  # trains or runs a network
 
     def units(self, cfg):
@@ -269,8 +333,9 @@ class VerifyStage(Stage):
         skip = {"online", "random_baseline"}
         if cfg.verify.recipe != "clip":  # the CLIP settings: changing them must not retrain a classifier
             skip |= {"clip", "prompts"}
-        if not (sel.kind == "distilled" or sel.ipc):
+        if not (sel.kind == "distilled" or sel.ipc) or cfg.verify.steps is not None:
             skip.add("ipc_epochs")
+        skip.add("epochs" if cfg.verify.steps is not None else "steps")  # the budget that governs, alone
         c = {"seed": cfg.seed, "set": sel.name, **cfg.verify.model_dump(exclude=skip)}
         if sel.kind == "online":
             c["online"] = {**sel.spec.model_dump(), "sel_name": sel.spec.sel_name, "label": sel.spec.label}

@@ -14,7 +14,6 @@ import numpy as np
 
 from pipeline.energy import EnergyMeter
 from pipeline.errors import CurateError
-from pipeline.manifest import read_parquet
 
 from stages.learn.clip.settings import captions_of, clip_arch, clip_recipe
 

@@ -1,22 +1,9 @@
 """The CLI: exit codes and one-line errors."""
 
-import subprocess
-import sys
 
 import pytest
 
-CURATE = [sys.executable, "-m", "pipeline.cli"]
-
-
-def curate(*args, cwd=None):
-    return subprocess.run([*CURATE, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def one_line_error(res) -> str:
-    assert res.returncode == 1, res
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
+from tests.helpers import curate, one_line_error
 
 
 def test_stage_status_and_bad_budget(make_runner, digits_catalog, tmp_path):

@@ -5,7 +5,6 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,12 +21,12 @@ from tests.helpers import fast_config
 from tests.helpers import REPO
 
 # the smallest valid spec of each method (beyond method and budget)
-EXTRA = {"difficulty": {"score": "el2n"}, "ccs": {"score": "el2n"}}
+EXTRA = {"difficulty": {"score": "el2n"}, "ccs": {"score": "el2n"}, "clean": {"score": "el2n", "fraction": 0.1}}
 
 
 def spec_of(method: str, **opts) -> dict:
     spec = {"method": method, "budget": 0.1, **EXTRA.get(method, {}), **opts}
-    if method == "dedup":
+    if method in ("dedup", "clean"):  # no budget: they keep what they do not drop
         spec.pop("budget")
     return spec
 

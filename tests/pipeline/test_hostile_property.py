@@ -71,6 +71,17 @@ def no_writes_outside(*allowed: Path):
     allowed_s = [os.fspath(a) for a in allowed] + ["/dev"]
     bad = []
 
+    def at(path, dir_fd):
+        """`path` as the call meant it: a relative name under `dir_fd` (shutil.rmtree's fd-based walk
+        removes by name in an open directory) is joined to that directory, not to the cwd."""
+        if isinstance(dir_fd, int) and dir_fd >= 0 and isinstance(path, (str, os.PathLike)) \
+                and not os.path.isabs(os.fspath(path)):
+            try:
+                return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fspath(path))
+            except OSError:
+                return path
+        return path
+
     def ok(a) -> bool:
         if not isinstance(a, (str, os.PathLike)):
             return True
@@ -84,7 +95,17 @@ def no_writes_outside(*allowed: Path):
                 (mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
             if writes and not ok(args[0]):
                 bad.append((event, args[0]))
-        elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.link", "os.symlink"):
+        elif event in ("os.remove", "os.rmdir", "shutil.rmtree"):  # (path, dir_fd)
+            path = at(args[0], args[1])
+            if not ok(path):
+                bad.append((event, path))
+        elif event == "os.mkdir":  # (path, mode, dir_fd)
+            path = at(args[0], args[2])
+            if not ok(path):
+                bad.append((event, path))
+        elif event in ("os.rename", "os.link"):  # (src, dst, src_dir_fd, dst_dir_fd)
+            bad.extend((event, p) for p in (at(args[0], args[2]), at(args[1], args[3])) if not ok(p))
+        elif event == "os.symlink":
             bad.extend((event, a) for a in args[:2] if not ok(a))
 
     _WATCH.append(watch)
@@ -104,7 +125,7 @@ class Outcome:
 
 def run_pipeline(shard: bytes, overrides: list[str] = ()) -> Outcome:
     """index -> select (every sample) -> materialize over one shard, in a fresh temporary root.
-    Any exception other than CurateError propagates (and fails the calling test)."""
+    Any exception other than CurateError propagates (and fails the calling test). No catalog entry (a write outside, on purpose)."""
     from pipeline.catalog import Catalog
     from pipeline.config import load_config
     from pipeline.fingerprint import cache_dir
@@ -123,7 +144,7 @@ def run_pipeline(shard: bytes, overrides: list[str] = ()) -> Outcome:
         with no_writes_outside(run, cache_dir()) as bad:
             try:
                 cfg = load_config({"run": str(run), "dataset": "d", "index": {"on_error": "skip"},
-                                   "select": [{"method": "random", "budget": 1.0}]}, list(overrides))
+                                   "select": [{"method": "random", "budget": 1.0}]}, [*overrides, "materialize.register_entry=false"])
                 r = Runner(cfg, Catalog.load(root / "cat.yaml"))
                 r.write_run_json()
                 for unit in ("index", "select/random-1.0", "materialize/random-1.0"):

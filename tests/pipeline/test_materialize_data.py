@@ -28,7 +28,7 @@ def test_manifest_matches_selection_and_original_pixels(materialized):
     assert m.column_names[:7] == ["row", "uid", "key", "shard", "offset", "label", "caption"]
     assert {"weight", "rank", "source_shard", "source_offset"} <= set(m.column_names)
     sizes = json.loads((d / "shards" / "sizes.json").read_text())
-    assert len(sizes) == 6 and sum(sizes.values()) == 288 and sizes["subset-000005.tar"] == 38
+    assert len(sizes) == 8 and set(sizes.values()) == {36}  # at least 8 balanced shards, each <= 50
     entry = r.catalog.entry("digits")
     new = load_images([str(d / s) for s in m.column("shard").to_pylist()], m.column("offset").to_pylist(), entry.fields.image)
     old = load_images(m.column("source_shard").to_pylist(), m.column("source_offset").to_pylist(), entry.fields.image)
@@ -55,9 +55,9 @@ def test_weight_json_member_and_webdataset_compat(materialized):
     wds = pytest.importorskip("webdataset")
     _, d = materialized
     got = list(wds.WebDataset(str(d / "shards" / "subset-000000.tar"), shardshuffle=False))
-    assert len(got) == 50
+    assert len(got) == 36
     assert json.loads(got[0]["json"]) == {"weight": 1.0}
-    keys = pq.read_table(d / "manifest.parquet").column("key").to_pylist()[:50]
+    keys = pq.read_table(d / "manifest.parquet").column("key").to_pylist()[:36]
     assert [g["__key__"] for g in got] == keys
 
 

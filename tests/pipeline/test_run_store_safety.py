@@ -16,20 +16,7 @@ import pytest
 import yaml
 
 from pipeline.errors import CurateError
-from tests.helpers import fast_config
-
-CURATE = [sys.executable, "-m", "pipeline.cli"]
-
-
-def curate(*args, cwd=None, timeout=300):
-    return subprocess.run([*CURATE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
-
-
-def one_line_error(res) -> str:
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
+from tests.helpers import CURATE, curate, fast_config, one_line_error
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

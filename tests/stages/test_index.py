@@ -1,6 +1,5 @@
 """index on damaged shards: one-line errors naming the sample, or counted skips; never half-written."""
 
-import io
 import json
 import tarfile
 from pathlib import Path

@@ -8,8 +8,7 @@ import pytest
 
 from pipeline.errors import CurateError
 from stages.kernels.scores.dynamics import auroc
-from tests.helpers import rerecord
-from tests.helpers import rewrite_shard
+from tests.helpers import plant_label_noise, rerecord
 
 METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prototype", "influence"]
 
@@ -17,21 +16,7 @@ METHODS = ["el2n", "grand", "forgetting", "loss", "margin", "knn_shapley", "prot
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory, digits_catalog):
     """Digits with 10% of training labels flipped (seeded); returns catalog and flipped keys."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("noisy")
-    shutil.copytree(digits_catalog.parent, root / "cat")
-    cat = root / "cat" / "data_catalog.yaml"
-    rng = np.random.default_rng(0)
-    flipped = set()
-    for shard in sorted((root / "cat" / "shards").glob("train-*.tar")):
-        def edit(key, members):
-            if rng.random() < 0.1:
-                flipped.add(key)
-                members["cls"] = str((int(members["cls"]) + 1 + rng.integers(9)) % 10).encode()
-            return key, members
-        rewrite_shard(shard, edit)
-    return cat, flipped
+    return plant_label_noise(digits_catalog, tmp_path_factory.mktemp("noisy") / "cat")
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_selection_parquet_columns_and_same_seed_same_bytes(make_runner, tmp_pat
     pa_, pb = (r.run_dir / "select" / "stratified-0.2" / "selection.parquet" for r in (a, b))
     assert pa_.read_bytes() == pb.read_bytes()
     t = pq.read_table(pa_)
-    assert t.column_names == ["row", "uid", "key", "shard", "offset", "label", "caption",
+    assert t.column_names == ["row", "uid", "key", "shard", "offset", "label", "caption", "source",
                               "selected", "weight", "rank", "method", "budget"]
     assert t.num_rows == 1438
     sel = t.filter(t.column("selected"))

@@ -173,7 +173,7 @@ def test_bad_settings_are_one_line_errors(make_runner, tmp_path):
         load_config(fast_config(tmp_path, select=[{"method": "craig", "budget": 0.1, "eps": 3}]))
     with pytest.raises(CurateError, match=r"select.0: Input tag 'kmeans' .* does not match"):
         load_config(fast_config(tmp_path, select=[{"method": "kmeans", "budget": 0.1}]))
-    r = make_runner(select=[{"method": "dedup", "eps": 1.9}, {"method": "craig", "budget": 0.5, "pool": "dedup-eps1.9"}])
+    r = make_runner(select=[{"method": "dedup", "eps": 1.9, "max_removed": 1}, {"method": "craig", "budget": 0.5, "pool": "dedup-eps1.9"}])
     for unit in ("index", "embed", "select/dedup-eps1.9"):
         r.run(unit)
     with pytest.raises(CurateError, match=r"select craig-0.5: budget 719 is larger than its pool 'dedup-eps1.9' \(\d+ samples\)"):
