@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CurateError, ShardError
+from .storage import is_url, open_stream
 
 # Members that would need unpickling to read: never decoded from a shard.
 UNSAFE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
@@ -142,22 +143,33 @@ def _skip_member(fh) -> None:
         pass
 
 
-def iter_shard(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Sample]:
-    """Stream the samples of one shard in order, in bounded memory.
+def _open_shard(path: str, storage_options: dict | None):
+    """A local shard as its file; a URL (`s3://...`) as a retrying fsspec stream, read as it arrives
+    (never downloaded whole), with `storage_options` or else its catalog entry's."""
+    if is_url(path):
+        return open_stream(path, storage_options)
+    if not os.path.isfile(path):
+        raise ShardError(f"shard {path}: no such file")
+    return open(path, "rb")
+
+
+def iter_shard(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTES,
+               storage_options: dict | None = None) -> Iterator[Sample]:
+    """Stream the samples of one shard (a path or an fsspec URL) in order, in bounded memory.
 
     A member larger than `max_member_bytes` is not read (the stream skips its bytes) but listed
     in `Sample.oversized`, which check_safe refuses. Raises ShardError naming the shard (and the
     last good sample) on a missing file or a truncated/corrupt tar (a sample cut short is not
     yielded), and on a key whose members are not consecutive (it would read as two samples).
+    A URL that cannot be read (missing, denied, still failing after retries) is a StorageError.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise ShardError(f"shard {path}: no such file")
     current: Sample | None = None
     done: set[str] = set()  # keys already yielded: a key of this shard may not come back
     offset = 0
     try:
-        with tarfile.open(path, mode="r|*") as tf:
+        stream = _open_shard(path, storage_options)
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
             for info in tf:
                 if not info.isfile():
                     continue
@@ -305,26 +317,44 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Write samples into `prefix-%06d.tar` shards of at most `shard_size` samples.
+    """Write samples into `prefix-%06d.tar` shards.
 
+    A new shard starts when the current one holds `shard_size` samples, when adding the next
+    sample would take it past `shard_bytes` (a shard with one sample is never split), or, with
+    `counts` (from plan_shards), when it holds its planned count: a writer that knows how many
+    samples come plans balanced shards, and the byte target may split them further.
     Each shard is written to a temporary name and renamed when closed, and `sizes.json`
     (basename -> count) in `out_dir` is updated when the writer closes. Bytes depend only
     on the samples written, so reruns are byte-identical.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str, shard_size: int = 10000):
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, shard_size: int = 10000, *,
+                 shard_bytes: int | None = None, counts: list[int] | None = None):
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
+        if shard_bytes is not None and shard_bytes < 1:
+            raise ValueError("shard_bytes must be >= 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.shard_size = shard_size
+        self.shard_bytes = shard_bytes
+        # sample positions where a planned shard ends (the last one needs no boundary)
+        self._ends = set(np.cumsum(counts[:-1]).tolist()) if counts else set()
         self.sizes: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
         self._name = ""
         self._count = 0
+        self._bytes = 0
         self._keys: set[str] = set()
+
+    def _full(self, size: int) -> bool:
+        if self._tar is None:
+            return True
+        if self._count >= self.shard_size or len(self._keys) - 1 in self._ends:
+            return True
+        return self.shard_bytes is not None and self._count > 0 and self._bytes + size > self.shard_bytes
 
     def write(self, key: str, members: dict[str, bytes]) -> tuple[str, int]:
         """Add one sample; return (shard basename, offset in shard)."""
@@ -333,17 +363,19 @@ class ShardWriter:
         if key in self._keys:
             raise ShardError(f"sample key {key!r} written twice")
         self._keys.add(key)
-        if self._tar is None or self._count >= self.shard_size:
+        size = tar_bytes(key, members)
+        if self._full(size):
             self._close_shard()
             self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
             self._tmp = temp_path(self.out_dir / self._name)
             self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.GNU_FORMAT)  # long keys allowed
-            self._count = 0
+            self._count = self._bytes = 0
         for ext in sorted(members):
             data = members[ext]
             self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
         offset = self._count
         self._count += 1
+        self._bytes += size
         self.sizes[self._name] = self._count
         return self._name, offset
 
@@ -371,6 +403,34 @@ class ShardWriter:
         elif self._tar is not None:
             self._tar.close()
             self._tmp.unlink(missing_ok=True)
+
+
+MIN_SHARD_SAMPLES = 8  # a planned shard is never split below this many samples
+
+
+def plan_shards(n: int, shard_size: int, min_shards: int = 1) -> list[int]:
+    """Balanced sample counts for `n` samples known in advance: enough shards that none holds more
+    than `shard_size`, and at least `min_shards` as long as each keeps MIN_SHARD_SAMPLES.
+
+    With min_shards 8, any set of 64 or more samples is at least 8 shards, so a DataLoader's
+    workers (which split by shard) each get some; shard sizes differ by at most one.
+    """
+    if n <= 0:
+        return []
+    k = max(1, -(-n // shard_size), min(min_shards, n // MIN_SHARD_SAMPLES))
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+def tar_bytes(key: str, members: dict[str, bytes]) -> int:
+    """Bytes one sample takes in a GNU tar: a 512-byte header per member (plus a long-name block
+    for names over 100 bytes) and its data padded to 512."""
+    total = 0
+    for ext, data in members.items():
+        name = len(f"{key}.{ext}".encode())
+        total += 512 + -(-len(data) // 512) * 512
+        if name > 100:
+            total += 512 + -(-(name + 1) // 512) * 512
+    return total
 
 
 def read_sizes(path: Path) -> dict[str, int]:

@@ -9,7 +9,15 @@ then the training labels must be dense 0..C-1) and, in an image-text run
 (elsewhere a missing caption is null). `on_error: raise` stops at the first bad sample
 with a line naming it; `skip` leaves it out and counts it: `_stage.json` metrics hold
 `skipped` (total), `skipped_by_reason` (reason -> count, e.g. no_caption,
-empty_caption) and `skipped_samples` (the first 100: shard, key, reason, error).
+empty_caption) and `skipped_samples` (the first 100: shard, key, source, reason, error).
+
+Each row also records `source` (manifest.SOURCE_FIELD): the original file a sample was ingested
+from, read from its `.json` member's "source" (null where there is none); an error about such a
+sample names that file beside its shard and key.
+
+Memory: samples are streamed one at a time; what grows with the split is its Arrow columns
+(index.parquet's rows, written in one piece) and one int64 hash per key for the repeated-key
+check, not Python objects per sample (tests/stages/test_stage_memory.py bounds it).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.arrays import find_image
-from pipeline.manifest import COMMON_SCHEMA, write_parquet
+from pipeline.manifest import COMMON_SCHEMA, SOURCE_FIELD, write_parquet
 from pipeline.shards import (MAX_MEMBER_BYTES, bad_sample, check_safe, decode_image, decode_json, decode_label,
                              iter_shard, read_sizes)
 from pipeline.stage import Resources, Stage, StageContext
@@ -65,11 +73,19 @@ def check_caption(sample, where: str, field: str) -> str:
     return caption
 
 
-def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict[str, str],
-                 require_caption: bool = True, max_pixels: int | None = None) -> tuple[int | None, str | None, tuple]:
-    """Validate one sample; returns (label, caption, image shape) or raises ShardError (with `.reason`).
-    require_caption (an image-text run): a missing or empty caption is bad input; otherwise a
-    missing caption is null (DESIGN: nullable, "where there is one")."""
+def sample_source(meta) -> str | None:
+    """The original file a `.json` member's value names (`{"source": "train/cat/01.jpg"}`), or None."""
+    source = meta.get("source") if isinstance(meta, dict) else None
+    return source if isinstance(source, str) and source else None
+
+
+def check_sample(sample, shard: str, fields, num_classes: int | None, seen,
+                 require_caption: bool = True,
+                 max_pixels: int | None = None) -> tuple[int | None, str | None, tuple, str | None]:
+    """Validate one sample; returns (label, caption, image shape, source) or raises ShardError (with
+    `.reason`). `seen`: the keys so far (`key in seen`, `seen[key]` -> its shard; a SeenKeys). require_caption (an image-text run): a missing or empty caption is bad input;
+    otherwise a missing caption is null (DESIGN: nullable, "where there is one"). The json member
+    is parsed before the image is decoded, so that later errors name the sample's source file."""
     where = f"shard {shard}: sample {sample.key!r}"
     check_safe(sample, shard)
     if "." in sample.key or not sample.key:
@@ -79,10 +95,13 @@ def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict
     found = find_image(sample.members, fields.image)
     if found is None:
         raise bad_sample("no_image", f"{where}: no image member ({'/'.join('.' + e for e in fields.image)})")
+    source = None
+    if "json" in sample.members:  # materialize parses it to add `weight`: refuse it here, not there
+        source = sample_source(decode_json(sample.members["json"], where=where))
+        if source is not None:
+            where = f"{where} (file {source})"
     with _because("image_undecodable"):
         shape = decode_image(found[1], found[0], where=where, max_pixels=max_pixels).shape
-    if "json" in sample.members:  # materialize parses it to add `weight`: refuse it here, not there
-        decode_json(sample.members["json"], where=where)
     label = None
     if fields.label:
         if fields.label not in sample.members:
@@ -99,7 +118,7 @@ def check_sample(sample, shard: str, fields, num_classes: int | None, seen: dict
     elif fields.caption and fields.caption in sample.members:
         text = decode_caption(sample.members[fields.caption], where)
         caption = text if text.strip() else None  # empty: no caption
-    return label, caption, shape
+    return label, caption, shape, source
 
 
 def expected_sizes(shard: str) -> int | None:
@@ -130,7 +149,7 @@ def check_dense(table: pa.Table, dataset: str) -> None:
 
 class IndexStage(Stage):
     name = "index"
-    version = 3  # 2: samples of a captioned dataset need a non-empty caption; 3: hostile-input limits
+    version = 4  # 2: samples of a captioned dataset need a non-empty caption; 3: hostile-input limits; 4: source
     resources = Resources(cpus=1)
 
     def config(self, cfg, sel, entry=None):
@@ -212,38 +231,45 @@ class SplitScan:
                  max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None):
         self.dataset, self.entry, self.skip, self.require_captions = dataset, entry, skip, require_captions
         self.max_member_bytes, self.max_pixels = max_member_bytes, max_pixels
-        self.seen: dict[str, str] = {}
+        self.seen = SeenKeys()
         self.skipped: list[dict] = []
         self.shapes: set[tuple] = set()
         self.n_skipped = 0
         self.by_reason: dict[str, int] = {}
 
-    def _skip(self, shard: str, key: str | None, exc: Exception) -> None:
+    def _skip(self, shard: str, key: str | None, exc: Exception, source: str | None = None) -> None:
         self.n_skipped += 1
         reason = reason_of(exc)
         self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
         if len(self.skipped) < MAX_LISTED:
-            self.skipped.append({"shard": shard, "key": key, "reason": reason, "error": str(exc)})
+            self.skipped.append({"shard": shard, "key": key, "source": source, "reason": reason, "error": str(exc)})
 
     def read(self, shards: list[str]) -> pa.Table:
-        cols = {k: [] for k in COMMON_SCHEMA.names}
+        """The split's rows; built shard by shard into Arrow batches, so what stays in memory for
+        the whole split is columnar (about the size of index.parquet), not Python objects."""
+        schema = COMMON_SCHEMA.append(SOURCE_FIELD)
+        batches, rows = [], 0
         for shard in shards:
             expected, count = expected_sizes(shard), 0
+            cols = {k: [] for k in schema.names}
+            self.seen.current_shard = shard
             try:
                 for sample in iter_shard(shard, self.max_member_bytes):
                     count += 1
                     try:
-                        label, caption, shape = check_sample(sample, shard, self.entry.fields, self.entry.num_classes,
-                                                             self.seen, self.require_captions, self.max_pixels)
+                        label, caption, shape, source = check_sample(
+                            sample, shard, self.entry.fields, self.entry.num_classes, self.seen,
+                            self.require_captions, self.max_pixels)
                     except ShardError as exc:
                         if not self.skip:
                             raise
-                        self._skip(shard, sample.key, exc)
+                        self._skip(shard, sample.key, exc, _source_of(sample))
                         continue
-                    self.seen[sample.key] = shard
+                    self.seen.add(sample.key)
                     self.shapes.add(shape)
-                    for k, v in (("row", len(cols["row"])), ("uid", f"{self.dataset}/{sample.key}"), ("key", sample.key),
-                                 ("shard", shard), ("offset", sample.offset), ("label", label), ("caption", caption)):
+                    for k, v in (("row", rows + len(cols["row"])), ("uid", f"{self.dataset}/{sample.key}"),
+                                 ("key", sample.key), ("shard", shard), ("offset", sample.offset), ("label", label),
+                                 ("caption", caption), ("source", source)):
                         cols[k].append(v)
                 if expected is not None and count != expected:
                     raise ShardError(f"shard {shard}: truncated or corrupt tar: {count} samples, sizes.json says {expected}")
@@ -252,4 +278,62 @@ class SplitScan:
                     raise
                 exc.reason = "truncated_shard"
                 self._skip(shard, None, exc)  # the rest of a truncated shard is unreadable: one counted skip
-        return pa.table(cols, schema=COMMON_SCHEMA)
+            batch = pa.record_batch(cols, schema=schema)  # what this shard kept, before a truncation
+            rows += batch.num_rows
+            batches.append(batch)
+            self.seen.close_shard(shard, batch.column(schema.get_field_index("key")))
+        return pa.Table.from_batches(batches, schema=schema)  # written as one table: same bytes as one chunk
+
+
+class SeenKeys:
+    """The keys indexed so far, for the repeated-key check, without a Python string per sample:
+    earlier shards' keys as a sorted int64 array of their hashes (a hit is confirmed against the
+    shard's Arrow key column), the current shard's as a set. `key in seen`, `seen[key]` -> shard."""
+
+    def __init__(self):
+        self.hashes = np.empty(0, np.int64)
+        self.owner = np.empty(0, np.int32)  # per hash: position in self.shards
+        self.shards: list[tuple[str, pa.Array]] = []
+        self.current: set[str] = set()
+        self.current_shard = None
+
+    def add(self, key: str) -> None:
+        self.current.add(key)
+
+    def close_shard(self, shard: str, keys: pa.Array) -> None:
+        h = np.fromiter((hash(k) for k in keys.to_pylist()), np.int64, len(keys))
+        self.shards.append((shard, keys))
+        h = np.sort(h)  # two sorted runs: the stable sort (timsort) merges them in linear time
+        hashes = np.concatenate([self.hashes, h])
+        owner = np.concatenate([self.owner, np.full(len(h), len(self.shards) - 1, np.int32)])
+        order = np.argsort(hashes, kind="stable")
+        self.hashes, self.owner, self.current = hashes[order], owner[order], set()
+
+    def _find(self, key: str) -> str | None:
+        h = hash(key)
+        i = int(np.searchsorted(self.hashes, h))
+        while i < len(self.hashes) and self.hashes[i] == h:
+            shard, keys = self.shards[self.owner[i]]
+            if key in keys.to_pylist():  # a hash hit: rare (a repeated key, or a collision)
+                return shard
+            i += 1
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.current or self._find(key) is not None
+
+    def __getitem__(self, key: str) -> str:
+        if key in self.current:
+            return self.current_shard
+        found = self._find(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+
+def _source_of(sample) -> str | None:
+    """A refused sample's source file, for the skip list (None if its json does not parse)."""
+    try:
+        return sample_source(decode_json(sample.members["json"])) if "json" in sample.members else None
+    except ShardError:
+        return None
