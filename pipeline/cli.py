@@ -1,4 +1,4 @@
-"""The `curate` command line: ingest, run, stage, status, report.
+"""The `curate` command line: ingest, run, stage, status, report; inspect, methods, config show, clean.
 
 Every user-fixable problem ends in one line on stderr and exit code 1.
 """
@@ -33,8 +33,10 @@ def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagef
            catalog: Optional[str] = typer.Option(None, "--catalog"),
            shard_size: int = typer.Option(10000, "--shard-size", min=1),
            noise: Optional[float] = typer.Option(None, "--noise",
-                                                 help="fmnist-pairs: fraction of train captions naming a wrong class, in [0, 1) (default 0.3)"),
-           seed: Optional[int] = typer.Option(None, "--seed", help="fmnist-pairs: seed of the subset and the captions (default 0)"),
+                                                 help="fmnist-pairs: fraction of train captions naming a wrong class, in [0, 1) (default 0.3); "
+                                                      "digits: fraction of train labels flipped (default 0)"),
+           seed: Optional[int] = typer.Option(None, "--seed", help="fmnist-pairs: seed of the subset and the captions; "
+                                                                  "digits: of the flips (default 0)"),
            train_size: Optional[int] = typer.Option(None, "--train-size",
                                                     help="fmnist-pairs: keep a seeded, class-stratified subset of N train images (default all 60,000)")):
     """Write train/test WebDataset shards and sizes.json, and add the catalog entry NAME.
@@ -45,6 +47,9 @@ def ingest(source: str = typer.Argument(..., help="digits | idx | cifar | imagef
     {"caption_class": c}; test captions are clean. Example:
     curate ingest fmnist-pairs --src ../shared/datasets/fashion-mnist --out data/fmnist-pairs
     --name fmnist-pairs --noise 0.3 --seed 0 --train-size 5000
+
+    digits --noise F: exactly round(F * N) train labels moved to another class (seeded), each
+    flipped sample's .json holding {"true_label": y}; the demo's `digits-noisy` is F = 0.1.
     """
     from .ingest import ingest as do_ingest
 
@@ -79,7 +84,40 @@ def run(config: Optional[Path] = typer.Argument(None, help="run config YAML (def
         _fail(exc)
     except OSError as exc:
         _fail(_os_line(exc))
+    _print_summary(Path(report))
+    if config is None and run_dir is None:
+        _print_planted(list(set_), catalog)
     typer.echo(f"report: {report}")
+
+
+def _print_planted(overrides: list[str], catalog: str | None) -> None:
+    """The demo knows which labels it planted wrong: say how many each cleaning selection found."""
+    from .catalog import Catalog
+    from .config import load_config
+    from .demo import cleaning_lines
+    from .ingest import DEMO_DATASET
+
+    cfg = load_config(None, overrides)
+    names = [s.sel_name for s in cfg.select if s.method == "clean"]
+    if cfg.dataset == DEMO_DATASET and names:
+        typer.echo("\n".join(cleaning_lines(Path(cfg.run), Catalog.load(catalog), DEMO_DATASET, names)))
+
+
+def _print_summary(report_md: Path) -> None:
+    """After a run: the report's table, its plots and one line that says what it shows (the
+    report stays the record; a report.json that cannot be read prints nothing here)."""
+    from .report import read_report
+    from .summary import headline, terminal_table
+
+    try:
+        data = read_report(report_md.with_name("report.json"))
+        text = [terminal_table(data), ""]
+        if (data.get("convergence") or {}).get("warning"):
+            text += [f"WARNING: {data['convergence']['warning']}", ""]
+        text += [f"plot: {p}" for p in sorted(report_md.parent.glob("*.png"))] + [headline(data)]
+    except (CurateError, KeyError, TypeError, ValueError):
+        return
+    typer.echo("\n".join(text))
 
 
 @app.command()
@@ -152,19 +190,129 @@ def stage(name: str = typer.Argument(..., help="index | embed | score | select |
 def status(run_dir: Path = typer.Option(..., "--run"), catalog: Optional[str] = typer.Option(None, "--catalog"),
            verify: bool = typer.Option(False, "--verify", help="rehash every output file, not only those whose "
                                                                "size or mtime changed")):
-    """Each stage unit: done / stale / missing / running, fingerprint, wall time, and why."""
+    """Each stage unit: done / stale / missing / running, fingerprint, wall and CPU time, peak memory,
+    the worker that computed it, and why it is not done."""
     from .runner import Runner
 
     try:
-        rows = Runner.from_run_dir(run_dir, catalog=catalog).status(rehash=verify)
+        runner = Runner.from_run_dir(run_dir, catalog=catalog)
+        rows = runner.status(rehash=verify)
+        records = {r["unit"]: runner.record(r["unit"]) or {} for r in rows}
     except CurateError as exc:
         _fail(exc)
     except OSError as exc:
         _fail(_os_line(exc))
+    typer.echo(f"{'unit':<32} {'state':<8} {'fingerprint':<12}  {'wall':>9} {'cpu':>9} {'peak':>9}  "
+               f"{'worker':<16} ended")
     for r in rows:
+        rec = records[r["unit"]]
         wall = f"{r['wall_seconds']:.1f} s" if r["wall_seconds"] is not None else "-"
+        cpu = _number(rec.get("cpu_seconds"), 1, " s")
+        rss = _number(rec.get("peak_rss_bytes"), 1e6, " MB")
+        worker = str(rec.get("worker") or "-")
         why = f"  ({r['why']})" if r["why"] else ""
-        typer.echo(f"{r['unit']:<32} {r['state']:<8} {r['fingerprint']}  {wall:>9}  {r['ended'] or ''}{why}")
+        typer.echo(f"{r['unit']:<32} {r['state']:<8} {r['fingerprint']:<12}  {wall:>9} {cpu:>9} {rss:>9}  "
+                   f"{worker:<16} {r['ended'] or '-'}{why}")
+
+
+def _number(v, divisor: float, suffix: str) -> str:
+    """A _stage.json figure for the status table: '-' when absent or not a number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-"
+    return f"{v / divisor:.1f}{suffix}"
+
+
+@app.command()
+def inspect(unit: str = typer.Argument(..., help="select/<sel>, materialize/<sel>, score or distill/<name>"),
+            run_dir: Path = typer.Option(..., "--run", help="run directory"),
+            out: Optional[Path] = typer.Option(None, "--out", help="the contact sheet PNG "
+                                                                   "(default: inspect-<run>-<unit>.png here)"),
+            per_class: int = typer.Option(4, "--per-class", min=1, help="samples per class and side of the sheet"),
+            pairs: int = typer.Option(24, "--pairs", min=1, help="dedup: removed / kept-twin pairs on the sheet"),
+            score: Optional[str] = typer.Option(None, "--score", help="score unit: only this score")):
+    """Show what a unit decided: a contact sheet (PNG) and a per-class table.
+
+    dedup: removed images beside the kept twin each matched, with the similarity; scores and
+    difficulty: the lowest and highest samples per class; image-caption selections: kept and
+    dropped pairs with captions; distilled sets: the synthetic images per class."""
+    from .inspect import inspect_unit
+
+    if out is None:
+        out = Path(f"inspect-{run_dir.absolute().name}-{unit.strip('/').replace('/', '-')}.png")
+    try:
+        result = inspect_unit(run_dir, unit, out, per_class=per_class, pairs=pairs, score=score)
+    except CurateError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(_os_line(exc))
+    typer.echo(result.text())
+    typer.echo(f"contact sheet: {result.out} ({len(result.drawn)} images)")
+
+
+@app.command()
+def methods(kind: Optional[str] = typer.Argument(None, help="embed | score | select | online | distill (default: all)"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable")):
+    """Every embed, score, select, online and distill method with its options and defaults
+    (read from the config models, so it is always the installed version's)."""
+    from .method_list import KINDS, as_json as to_json, catalogue, render
+
+    if kind is not None and kind not in KINDS:
+        _fail(CurateError(f"no method kind '{kind}' (kinds: {', '.join(KINDS)})"))
+    kinds = catalogue()
+    if kind is not None:
+        kinds = {kind: kinds[kind]}
+    typer.echo(to_json(kinds) if as_json else render(kinds), nl=False)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Run configurations.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = typer.Argument(None, help="run config YAML (default: the digits demo)"),
+                set_: List[str] = typer.Option([], "--set", help="override, e.g. select.0.budget=0.2"),
+                catalog: Optional[str] = typer.Option(None, "--catalog",
+                                                      help="also check that the dataset is in this catalog")):
+    """Print the validated config with every default filled in, as YAML (writes nothing)."""
+    import yaml
+
+    from .config import load_config
+
+    try:
+        cfg = load_config(str(config) if config else None, list(set_))
+        if catalog is not None:
+            from .catalog import Catalog
+
+            Catalog.load(catalog).entry(cfg.dataset)
+    except CurateError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(_os_line(exc))
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), nl=False)
+
+
+@app.command()
+def clean(run_dir: Path = typer.Option(..., "--run", help="run directory"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed; remove nothing")):
+    """Remove the unit directories the run's config (run.json) no longer has, e.g. a selection
+    whose budget changed; only directories curate wrote, and of them only curate's files."""
+    from .catalog import Catalog
+    from .clean import clean as do_clean
+    from .config import load_config
+    from .runner import Runner, read_run_json
+
+    try:
+        body = read_run_json(run_dir)
+        if body is None:
+            raise CurateError(f"run {run_dir}: no run.json here (not a curate run)")
+        cfg = load_config(body["config"])
+        # the units follow from the config alone: no catalog is read
+        units = Runner(cfg, Catalog(Path(body.get("catalog") or "data_catalog.yaml"), {}), run_dir).units()
+        do_clean(run_dir, units, dry_run=dry_run, say=typer.echo)
+    except CurateError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(_os_line(exc))
 
 
 def _os_line(exc: OSError) -> CurateError:

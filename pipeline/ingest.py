@@ -25,7 +25,7 @@ which pairs are clean from the index's labels (row order) alone:
 from __future__ import annotations
 
 import gzip
-import io
+import hashlib
 import json
 import os
 import pickle
@@ -33,9 +33,10 @@ import re
 import shutil
 import struct
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -52,6 +53,8 @@ class RawSample:
     ext: str = "png"  # ... and their extension
     caption: str | None = None
     meta: dict | None = None  # written as the .json member
+    key: str | None = None  # None: `<split>_<7-digit position>`
+    source: str | None = None  # the original file, relative to --src: recorded as `source` in the .json member
 
 
 @dataclass
@@ -66,10 +69,22 @@ class RawDataset:
 
 
 # ---------------------------------------------------------------- sources
-def read_digits(src: str | None = None) -> RawDataset:
-    """scikit-learn's 1,797 8x8 digits, split 80/20 stratified with a fixed seed."""
+def read_digits(src: str | None = None, noise: float | None = None, seed: int | None = None) -> RawDataset:
+    """scikit-learn's 1,797 8x8 digits, split 80/20 stratified with a fixed seed.
+
+    `noise` (default 0) plants label noise in the training split: exactly round(noise * N)
+    samples, drawn with `seed` (default 0), get a label drawn uniformly among the other nine
+    classes, and their `.json` records `{"true_label": y}` (the test split stays clean). The demo
+    trains on `digits-noisy` (noise 0.1, seed 0), so data valuation has something real to find.
+    """
     from sklearn.datasets import load_digits
 
+    noise = 0.0 if noise is None else float(noise)
+    seed = 0 if seed is None else int(seed)
+    if not 0.0 <= noise < 1.0:
+        raise CurateError(f"ingest digits: --noise {noise} is outside [0, 1)")
+    if seed < 0:
+        raise CurateError(f"ingest digits: --seed {seed} must be >= 0")
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
     labels = d.target.astype(np.int64)
@@ -78,12 +93,30 @@ def read_digits(src: str | None = None) -> RawDataset:
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         test_mask[rng.choice(idx, size=round(0.2 * len(idx)), replace=False)] = True
+    train_rows = np.flatnonzero(~test_mask)
+    given = labels.copy()
+    flipped = planted_flips(len(train_rows), noise, seed)
+    given[train_rows[flipped]] = flip_labels(labels[train_rows[flipped]], 10, seed)
 
     def part(mask):
-        return [RawSample(label=int(labels[i]), image=images[i]) for i in np.flatnonzero(mask)]
+        return [RawSample(label=int(given[i]), image=images[i],
+                          meta={"true_label": int(labels[i])} if given[i] != labels[i] else None)
+                for i in np.flatnonzero(mask)]
 
+    planted = f", label noise {noise} in train ({len(flipped)} flipped), seed {seed}" if len(flipped) else ""
     return RawDataset({"train": part(~test_mask), "test": part(test_mask)}, 10, ["png"],
-                      description="scikit-learn digits (8x8 grey), 80/20 stratified split, seed 0")
+                      description=f"scikit-learn digits (8x8 grey), 80/20 stratified split, seed 0{planted}")
+
+
+def planted_flips(n: int, noise: float, seed: int) -> np.ndarray:
+    """The sorted positions (of n) whose label a `noise` ingest moves: exactly round(noise * n)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(round(noise * n)), replace=False))
+
+
+def flip_labels(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Each label moved to one of the other k - 1 classes, uniformly (seeded)."""
+    rng = np.random.default_rng([seed, 1])
+    return (labels + rng.integers(1, k, size=len(labels))) % k
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
@@ -186,7 +219,49 @@ def read_cifar(src: str | None) -> RawDataset:
     return RawDataset(splits, num_classes, ["png"], description=f"CIFAR-{num_classes} python batches")
 
 
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+MAX_KEY_CHARS = 150
+
+
+def _source_text(rel: str) -> str:
+    """A relative path as text: a non-UTF-8 file name keeps its bytes as \\x escapes."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def path_keys(rel_paths: Iterable[str]) -> dict[str, str]:
+    """A WebDataset key for each relative file path: key-safe, unique, stable.
+
+    The key is the path without its extension, every run of characters other than ASCII letters,
+    digits, `_` and `-` replaced by `_` (`train/square/square_005.jpg` -> `train_square_square_005`):
+    no dots, no slashes. Paths whose keys would clash (`a b.jpg` and `a_b.jpg`, `x.jpg` and
+    `x.png`), and keys over MAX_KEY_CHARS, get `-` and 12 hex digits of the path's sha256 instead.
+    The result depends only on the set of paths, not on the order they are listed in.
+    """
+    def plain(rel: str) -> str:
+        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+        return _UNSAFE_KEY_CHARS.sub("_", stem) or "_"
+
+    def hashed(rel: str) -> str:
+        return f"{plain(rel)[:MAX_KEY_CHARS - 13]}-{hashlib.sha256(os.fsencode(rel)).hexdigest()[:12]}"
+
+    keys = {rel: plain(rel) for rel in sorted(set(rel_paths))}
+    keys.update({rel: hashed(rel) for rel, k in keys.items() if len(k) > MAX_KEY_CHARS})
+    while True:  # each round hashes every key of a clash; hashed keys never clash again
+        owners: dict[str, list[str]] = defaultdict(list)
+        for rel, k in keys.items():
+            owners[k].append(rel)
+        clashes = [rels for rels in owners.values() if len(rels) > 1]
+        if not clashes:
+            return keys
+        for rels in clashes:
+            if all(keys[r] == hashed(r) for r in rels):
+                raise CurateError(f"ingest: files {rels[0]} and {rels[1]} get the same key {keys[rels[0]]!r}")
+            keys.update({r: hashed(r) for r in rels})
+
+
 def read_imagefolder(src: str | None) -> RawDataset:
+    """`train/<class>/*` (and `test/<class>/*`): each image keyed by its path (path_keys), which
+    the `.json` member records as `source`, so manifests and errors name the original file."""
     if not src:
         raise CurateError("ingest imagefolder: --src DIR holding train/<class>/* is required")
     root = Path(src)
@@ -199,34 +274,39 @@ def read_imagefolder(src: str | None) -> RawDataset:
     has_caption = False
     uncaptioned: dict[str, int] = {}  # split -> images without a (non-empty) caption
 
+    def listing(split) -> list[tuple[int, Path]]:
+        out = []
+        for label, cls in enumerate(classes):
+            folder = root / split / cls
+            if folder.is_dir():
+                out += [(label, f) for f in sorted(folder.iterdir()) if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        return out
+
+    listed = {split: listing(split) for split in ("train", "test") if split == "train" or (root / split).is_dir()}
+    keys = path_keys(f.relative_to(root).as_posix() for files in listed.values() for _, f in files)
+
     def files(split):
         nonlocal has_caption
         out = []
         uncaptioned[split] = 0
-        for label, cls in enumerate(classes):
-            folder = root / split / cls
-            if not folder.is_dir():
-                continue
-            for f in sorted(folder.iterdir()):
-                ext = f.suffix.lower().lstrip(".")
-                if ext not in IMAGE_EXTS:
-                    continue
-                data = f.read_bytes()
-                decode_image(data, ext, where=f"imagefolder file {f}")
-                cap = f.with_suffix(".txt")
-                try:
-                    caption = cap.read_text(encoding="utf-8").strip() if cap.exists() else None
-                except UnicodeDecodeError:
-                    raise CurateError(f"imagefolder caption {cap}: not UTF-8 text") from None
-                has_caption |= caption is not None
-                uncaptioned[split] += not caption
-                exts.add(ext)
-                out.append(RawSample(label=label, data=data, ext=ext, caption=caption))
+        for label, f in listed[split]:
+            ext = f.suffix.lower().lstrip(".")
+            data = f.read_bytes()
+            decode_image(data, ext, where=f"imagefolder file {f}")
+            cap = f.with_suffix(".txt")
+            try:
+                caption = cap.read_text(encoding="utf-8").strip() if cap.exists() else None
+            except UnicodeDecodeError:
+                raise CurateError(f"imagefolder caption {cap}: not UTF-8 text") from None
+            has_caption |= caption is not None
+            uncaptioned[split] += not caption
+            exts.add(ext)
+            rel = f.relative_to(root).as_posix()
+            out.append(RawSample(label=label, data=data, ext=ext, caption=caption, key=keys[rel],
+                                 source=_source_text(rel)))
         return out
 
-    splits = {"train": files("train")}
-    if (root / "test").is_dir():
-        splits["test"] = files("test")
+    splits = {split: files(split) for split in listed}
     notes = []
     missing = sum(uncaptioned.values())
     if has_caption and missing:
@@ -327,7 +407,7 @@ SOURCES: dict[str, Callable[[str | None], RawDataset]] = {
     "digits": read_digits, "idx": read_idx, "cifar": read_cifar, "imagefolder": read_imagefolder,
     "fmnist-pairs": read_fmnist_pairs,
 }
-SOURCE_OPTIONS = {"fmnist-pairs": set(PAIR_OPTIONS)}  # the options each source accepts beyond --src
+SOURCE_OPTIONS = {"fmnist-pairs": set(PAIR_OPTIONS), "digits": {"noise", "seed"}}  # the options each source accepts beyond --src
 
 
 # ---------------------------------------------------------------- writing
@@ -342,9 +422,10 @@ def write_split(samples: Iterable[RawSample], out: Path, split: str, shard_size:
                 members[s.ext] = s.data
             if s.caption is not None:
                 members["txt"] = s.caption.encode()
-            if s.meta is not None:
-                members["json"] = json.dumps(s.meta, sort_keys=True).encode()
-            writer.write(f"{split}_{i:07d}", members)
+            meta = s.meta if s.source is None else {**(s.meta or {}), "source": s.source}
+            if meta is not None:
+                members["json"] = json.dumps(meta, sort_keys=True).encode()
+            writer.write(s.key or f"{split}_{i:07d}", members)
             if progress:
                 progress(1)
     return writer.sizes
@@ -392,14 +473,15 @@ def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = Non
            seed: int | None = None, train_size: int | None = None) -> DatasetEntry:
     """Write train/test shards of `source` into `out` and add catalog entry `name`.
 
-    noise / seed / train_size apply to `fmnist-pairs` only (None: its defaults).
+    noise / seed apply to `digits` and `fmnist-pairs`, train_size to `fmnist-pairs` (None: defaults).
     """
     if source not in SOURCES:
         raise CurateError(f"ingest: unknown source '{source}' (choose from {', '.join(SOURCES)})")
     options = {k: v for k, v in (("noise", noise), ("seed", seed), ("train_size", train_size)) if v is not None}
-    extra = [PAIR_OPTIONS[k] for k in options if k not in SOURCE_OPTIONS.get(source, set())]
+    refused = [k for k in options if k not in SOURCE_OPTIONS.get(source, set())]
+    extra = [PAIR_OPTIONS[k] for k in refused]
     if extra:
-        users = ", ".join(s for s, opts in SOURCE_OPTIONS.items() if set(options) & opts)
+        users = ", ".join(sorted(s for s, opts in SOURCE_OPTIONS.items() if set(refused) & opts))
         raise CurateError(f"ingest {source}: {', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} "
                           f"to {users} only")
     if src and not Path(src).exists():
@@ -452,12 +534,17 @@ def ingest(source: str, out: str | os.PathLike, name: str, src: str | None = Non
     return entry
 
 
+DEMO_DATASET = "digits-noisy"  # the demo's catalog entry: digits with 10% planted label noise
+DEMO_NOISE, DEMO_SEED = 0.1, 0
+
+
 def ensure_demo_data(catalog: str | os.PathLike | None = None) -> None:
-    """The demo runs on scikit-learn's digits: ingest them beside the catalog if its `digits`
-    entry is missing or points nowhere."""
+    """The demo runs on scikit-learn's digits with 10% of the training labels flipped (seed 0):
+    ingest them beside the catalog if its `digits-noisy` entry is missing or points nowhere."""
     cat = Catalog.load(catalog, missing_ok=True)
     try:
-        cat.shards("digits", "train")
-        cat.shards("digits", "test")
+        cat.shards(DEMO_DATASET, "train")
+        cat.shards(DEMO_DATASET, "test")
     except CurateError:
-        ingest("digits", cat.path.parent / "data" / "digits", "digits", catalog=str(cat.path))
+        ingest("digits", cat.path.parent / "data" / DEMO_DATASET, DEMO_DATASET, catalog=str(cat.path),
+               noise=DEMO_NOISE, seed=DEMO_SEED)

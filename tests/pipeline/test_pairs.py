@@ -132,9 +132,13 @@ def test_fmnist_pairs_range_errors(kwargs, message, tmp_path):
 
 
 def test_pair_options_refused_for_other_sources(tmp_path):
-    with pytest.raises(CurateError, match="ingest digits: --noise applies to fmnist-pairs only"):
-        ingest("digits", tmp_path / "o", "d", catalog=str(tmp_path / "c.yaml"), noise=0.1)
-    with pytest.raises(CurateError, match="ingest idx: --seed, --train-size apply to fmnist-pairs only"):
+    with pytest.raises(CurateError, match="ingest digits: --train-size applies to fmnist-pairs only"):
+        ingest("digits", tmp_path / "o", "d", catalog=str(tmp_path / "c.yaml"), noise=0.1, train_size=100)
+    with pytest.raises(CurateError, match="ingest digits: --noise 1.0 is outside"):
+        ingest("digits", tmp_path / "o", "d", catalog=str(tmp_path / "c.yaml"), noise=1.0)
+    with pytest.raises(CurateError, match="ingest idx: --noise, --seed apply to digits, fmnist-pairs only"):
+        ingest("idx", tmp_path / "o", "d", str(tmp_path), catalog=str(tmp_path / "c.yaml"), noise=0.1, seed=1)
+    with pytest.raises(CurateError, match="ingest idx: --seed, --train-size apply to digits, fmnist-pairs only"):
         ingest("idx", tmp_path / "o", "d", str(tmp_path), catalog=str(tmp_path / "c.yaml"), seed=1, train_size=100)
     assert not (tmp_path / "c.yaml").exists()
 
