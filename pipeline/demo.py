@@ -1,6 +1,6 @@
 """The demo's own check: how many of the label flips planted in `digits-noisy` each cleaning
 selection dropped. Ingest marks every flipped training sample with `{"true_label": y}` in its
-`.json` (pipeline.ingest.read_digits), and no stage reads that member, so the selections
+`.json` (pipeline.ingest.read_digits), and no stage uses that field, so the selections
 never saw the answer this compares them with."""
 
 from __future__ import annotations
