@@ -175,13 +175,17 @@ class IndexStage(Stage):
                               f"trained on) but dataset '{name}' declares no caption field")
         scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip", require_captions=require,
                          max_member_bytes=ctx.config["max_member_bytes"], max_pixels=ctx.config["max_pixels"])
-        train = scan.read(ctx.catalog.shards(name, "train"))
+        shards = ctx.catalog.shards(name, "train")
+        with ctx.progress(len(shards), f"index {name}: train shards", "shards") as step:
+            train = scan.read(shards, step)
         if entry.fields.label and entry.num_classes is None:
             check_dense(train, name)
         val = None
         validation = ctx.config.get("validation")
         if validation == "catalog val split":
-            val = scan.read(ctx.catalog.shards(name, "val"))
+            shards = ctx.catalog.shards(name, "val")
+            with ctx.progress(len(shards), f"index {name}: val shards", "shards") as step:
+                val = scan.read(shards, step)
         elif validation and validation["val_fraction"] > 0:
             train, val = holdout(train, validation["val_fraction"], validation["seed"])
         if scan.n_skipped:
@@ -244,9 +248,10 @@ class SplitScan:
         if len(self.skipped) < MAX_LISTED:
             self.skipped.append({"shard": shard, "key": key, "source": source, "reason": reason, "error": str(exc)})
 
-    def read(self, shards: list[str]) -> pa.Table:
+    def read(self, shards: list[str], step=None) -> pa.Table:
         """The split's rows; built shard by shard into Arrow batches, so what stays in memory for
-        the whole split is columnar (about the size of index.parquet), not Python objects."""
+        the whole split is columnar (about the size of index.parquet), not Python objects.
+        `step(1)` is told after each shard (the unit's progress)."""
         schema = COMMON_SCHEMA.append(SOURCE_FIELD)
         batches, rows = [], 0
         for shard in shards:
@@ -282,6 +287,8 @@ class SplitScan:
             rows += batch.num_rows
             batches.append(batch)
             self.seen.close_shard(shard, batch.column(schema.get_field_index("key")))
+            if step is not None:
+                step(1)
         return pa.Table.from_batches(batches, schema=schema)  # written as one table: same bytes as one chunk
 
 

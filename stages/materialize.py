@@ -149,7 +149,8 @@ class MaterializeStage(Stage):
         c = ctx.config
         counts = plan_shards(table.num_rows, c["shard_size"], c["min_shards"])
         with ShardWriter(ctx.out / "shards", "subset", c["shard_size"], shard_bytes=c["shard_bytes"],
-                         counts=counts) as writer:
+                         counts=counts) as writer, \
+                ctx.progress(table.num_rows, f"materialize {sel_name}", "samples") as step:
             # read shard by shard, write in row order: rows are sorted, shards are in row order; only
             # one source shard's rows are Python objects at a time
             for start, stop in shard_runs(table.column("shard")):
@@ -175,6 +176,7 @@ class MaterializeStage(Stage):
                     names.append(f"shards/{name}")
                     new_offset[i] = off
                 new_names.append(pa.array(names, pa.string()))
+                step(stop - start)
         schema = COMMON_SCHEMA.append(SOURCE_FIELD)
         cols = {n: table.column(n) for n in COMMON_SCHEMA.names}
         cols["source"] = (table.column("source") if "source" in table.column_names

@@ -71,3 +71,20 @@ def test_progress_prints_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch
     assert err[-1].startswith("score: knn_shapley: 4/4 rows (100%)")
     assert "\r" not in "".join(err)  # no bar redraws in a log
     assert heard[0] == 0.0 and heard[-1] == 1.0
+
+
+def test_index_and_materialize_report_progress(make_runner, tmp_path, capsys, monkeypatch):
+    """Every unit that reads the dataset tells its progress: index per shard, materialize per sample."""
+    monkeypatch.setattr(progress_mod, "LINE_EVERY_S", 0.0)
+    r = make_runner(tmp_path / "run", select={"method": "random", "budget": 0.1})
+    heard = []
+    token = progress_mod.LISTENER.set(lambda frac, desc: heard.append((desc, frac)))
+    try:
+        for unit in ("index", "select/random-0.1", "materialize/random-0.1"):
+            r.run(unit)
+    finally:
+        progress_mod.LISTENER.reset(token)
+    err = capsys.readouterr().err
+    assert "index digits: train shards: 3/3 shards (100%)" in err  # the fixture catalog has 3 train shards
+    assert "materialize random-0.1: 144/144 samples (100%)" in err
+    assert ("index digits: train shards", 1.0) in heard and ("materialize random-0.1", 1.0) in heard
