@@ -18,7 +18,8 @@ from tests.helpers import CURATE
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     home = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "PREFECT_HOME": str(home / ".prefect")}
+    # a temporary Prefect server starts for the run: give it time on a busy 2-core machine
+    env = {**os.environ, "PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     res = subprocess.run([*CURATE, "run", "--catalog", "data_catalog.yaml"], cwd=home, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
