@@ -158,7 +158,7 @@ KNN_SCORES = {"knn_shapley", "prototype"}  # scores that search neighbours or ru
 
 class ScoreStage(Stage):
     name = "score"
-    version = 1
+    version = 2  # 2: knn_shapley and prototype follow the `knn:` section (exact where affordable)
     resources = Resources(cpus=1)  # kernels use a GPU when the run has one, and need none
 
     def units(self, cfg):

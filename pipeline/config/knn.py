@@ -9,7 +9,9 @@ it in their fingerprint only where they use it): craig's sparse graph (N = the c
 (dedup, features: embeddings) and clipcov's / sas's k-means groups, prototype scores (N = the group)
 and knn_shapley (N = the training pool). Where the rule says exact, each runs as it did before this
 section existed (the same bytes); where it says faiss, k-means fits on a sample and knn_shapley
-ranks only each validation sample's `k` nearest training samples (at least knn_k).
+ranks only each validation sample's `k` nearest training samples (at least knn_k and 128). knn_shapley
+under auto stays exact while N x N_validation <= 10**9 (its cost is a sort per validation sample,
+not an N x N graph, and the truncated values find fewer flipped labels).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def test_knn_shapley_faiss_agrees_with_exact():
     assert np.array_equal(knn_shapley(xtr, ytr, xte, yte, k=10, knn={"backend": "auto"}), ex)  # small N: exact
     bottom = int(0.1 * len(ex))
     worst_e = set(np.argsort(ex, kind="stable")[:bottom].tolist())
-    for depth, rho, overlap in ((32, 0.88, 0.9), (128, 0.98, 0.95)):
+    for depth, rho, overlap in ((32, 0.98, 0.95), (128, 0.98, 0.95)):  # a depth below MIN_DEPTH (128) is lifted
         ap = knn_shapley(xtr, ytr, xte, yte, k=10, knn={**FAISS, "k": depth})
         worst_a = set(np.argsort(ap, kind="stable")[:bottom].tolist())
         assert spearmanr(ex, ap).correlation > rho
