@@ -272,7 +272,8 @@ def decode_image(data: bytes, ext: str, *, where: str = "", max_pixels: int | No
     except ShardError:
         raise
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise ShardError(f"{where}: image member .{ext} does not decode ({type(exc).__name__}: {exc})") from None
+        why = re.sub(r" object at 0x[0-9a-f]+", "", str(exc))  # PIL names the buffer by its address: not the same twice
+        raise ShardError(f"{where}: image member .{ext} does not decode ({type(exc).__name__}: {why})") from None
 
 
 _LABEL = re.compile(rb"\s*(\d+)\s*")  # a bytes pattern: \s and \d match ASCII only

@@ -15,15 +15,22 @@ Each row also records `source` (manifest.SOURCE_FIELD): the original file a samp
 from, read from its `.json` member's "source" (null where there is none); an error about such a
 sample names that file beside its shard and key.
 
+Work: the per-sample check runs in worker processes, a shard each (`index.workers`; by default the
+CPUs this process may use, at most 8, for a split of 64 MiB or more, else this process alone); not
+in the fingerprint: the output is the same for any count, byte for byte.
+
 Memory: samples are streamed one at a time; what grows with the split is its Arrow columns
 (index.parquet's rows, written in one piece) and one int64 hash per key for the repeated-key
-check, not Python objects per sample (tests/stages/test_stage_memory.py bounds it).
+check, not Python objects per sample (tests/stages/test_stage_memory.py bounds it). With
+workers, at most two shards per worker are in flight, each sent back as its rows' values.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -173,9 +180,10 @@ class IndexStage(Stage):
         if require and not entry.fields.caption:
             raise CurateError(f"index: this is an image-text run (captions are embedded, scored, selected on or "
                               f"trained on) but dataset '{name}' declares no caption field")
-        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip", require_captions=require,
-                         max_member_bytes=ctx.config["max_member_bytes"], max_pixels=ctx.config["max_pixels"])
         shards = ctx.catalog.shards(name, "train")
+        scan = SplitScan(name, entry, skip=ctx.config["on_error"] == "skip", require_captions=require,
+                         max_member_bytes=ctx.config["max_member_bytes"], max_pixels=ctx.config["max_pixels"],
+                         workers=ctx.cfg.index.workers or default_workers(shards))
         with ctx.progress(len(shards), f"index {name}: train shards", "shards") as step:
             train = scan.read(shards, step)
         if entry.fields.label and entry.num_classes is None:
@@ -228,25 +236,140 @@ def holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.T
     return renumber(table.filter(pa.array(~is_val))), renumber(table.filter(pa.array(is_val)))
 
 
+@dataclass
+class ShardScan:
+    """What checking one shard found, in sample order (picklable: worker processes send it back).
+    `rows`: the kept samples' columns (no row numbers yet); `skipped`: (offset, record) of refused
+    samples, the truncation last; `error`: on_error raise, the first bad sample's (message, reason),
+    after the rows before it."""
+
+    shard: str
+    rows: dict[str, list]
+    skipped: list[tuple[float, dict]]
+    shapes: set
+    error: tuple[str, str] | None = None
+
+
+def scan_shard(shard: str, dataset: str, fields, num_classes: int | None, skip: bool, require_captions: bool,
+               max_member_bytes: int, max_pixels: int | None, storage_options: dict | None = None) -> ShardScan:
+    """Check every sample of one shard (check_sample) and collect what index.parquet keeps of it.
+    Keys repeated within the shard are found here; repeats of earlier shards' keys by the caller,
+    which alone sees every shard. Runs in a worker process (SplitScan) or inline."""
+    names = [f.name for f in COMMON_SCHEMA if f.name != "row"] + [SOURCE_FIELD.name]
+    out = ShardScan(shard, {k: [] for k in names}, [], set())
+    seen: dict[str, str] = {}  # this shard's keys: `key in seen`, seen[key] -> shard
+    expected, count = expected_sizes(shard), 0
+    try:
+        for sample in iter_shard(shard, max_member_bytes, storage_options):
+            count += 1
+            try:
+                label, caption, shape, source = check_sample(sample, shard, fields, num_classes, seen,
+                                                             require_captions, max_pixels)
+            except ShardError as exc:
+                if not skip:
+                    out.error = (str(exc), reason_of(exc))
+                    return out
+                out.skipped.append((sample.offset, _skip_record(shard, sample.key, exc, _source_of(sample))))
+                continue
+            seen[sample.key] = shard
+            out.shapes.add(shape)
+            for k, v in (("uid", f"{dataset}/{sample.key}"), ("key", sample.key), ("shard", shard),
+                         ("offset", sample.offset), ("label", label), ("caption", caption), ("source", source)):
+                out.rows[k].append(v)
+        if expected is not None and count != expected:
+            raise ShardError(f"shard {shard}: truncated or corrupt tar: {count} samples, sizes.json says {expected}")
+    except ShardError as exc:
+        if not skip or "truncated or corrupt" not in str(exc):
+            out.error = (str(exc), reason_of(exc))
+            return out
+        exc.reason = "truncated_shard"  # the rest of a truncated shard is unreadable: one counted skip
+        out.skipped.append((math.inf, _skip_record(shard, None, exc)))
+    return out
+
+
+def _skip_record(shard: str, key: str | None, exc: Exception, source: str | None = None) -> dict:
+    return {"shard": shard, "key": key, "source": source, "reason": reason_of(exc), "error": str(exc)}
+
+
+AUTO_WORKERS_BYTES = 64 << 20  # index.workers: null uses processes from this much local shard data up
+
+
+def default_workers(shards: list[str]) -> int:
+    """Processes for the index's decode check (index.workers: null): the CPUs this process may use,
+    at most 8, where the split is worth starting them for (a process costs about a second to start:
+    at least AUTO_WORKERS_BYTES of local shards, or a remote split of several shards); else 1."""
+    from pipeline.storage import is_url
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local = [s for s in shards if not is_url(s)]
+    size = sum(os.path.getsize(s) for s in local if os.path.isfile(s))
+    big = size >= AUTO_WORKERS_BYTES or len(shards) - len(local) >= 4
+    return max(1, min(8, cpus)) if big else 1
+
+
 class SplitScan:
-    """Reads and checks the samples of a split's shards, skipping or raising per on_error."""
+    """Reads and checks the samples of a split's shards, skipping or raising per on_error.
+
+    The per-sample check (decoding every image) runs in `workers` processes, a shard each, at most
+    two shards per worker in flight; results are taken in shard order, so the table, the skip list
+    and the first error are the same for any number of workers, byte for byte. (One fault per
+    sample is reported: a repeat of an earlier shard's key is found after the sample's own checks.)"""
 
     def __init__(self, dataset: str, entry, skip: bool, require_captions: bool = False,
-                 max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None):
+                 max_member_bytes: int = MAX_MEMBER_BYTES, max_pixels: int | None = None, workers: int = 1):
         self.dataset, self.entry, self.skip, self.require_captions = dataset, entry, skip, require_captions
-        self.max_member_bytes, self.max_pixels = max_member_bytes, max_pixels
+        self.max_member_bytes, self.max_pixels, self.workers = max_member_bytes, max_pixels, workers
         self.seen = SeenKeys()
         self.skipped: list[dict] = []
         self.shapes: set[tuple] = set()
         self.n_skipped = 0
         self.by_reason: dict[str, int] = {}
 
-    def _skip(self, shard: str, key: str | None, exc: Exception, source: str | None = None) -> None:
+    def _count(self, record: dict) -> None:
         self.n_skipped += 1
-        reason = reason_of(exc)
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        self.by_reason[record["reason"]] = self.by_reason.get(record["reason"], 0) + 1
         if len(self.skipped) < MAX_LISTED:
-            self.skipped.append({"shard": shard, "key": key, "source": source, "reason": reason, "error": str(exc)})
+            self.skipped.append(record)
+
+    def _scans(self, shards: list[str]):
+        """ShardScan per shard, in shard order."""
+        from pipeline.storage import is_url, options_for
+
+        args = (self.dataset, self.entry.fields, self.entry.num_classes, self.skip, self.require_captions,
+                self.max_member_bytes, self.max_pixels)
+        opts = {s: options_for(s) if is_url(s) else None for s in shards}
+        import multiprocessing
+
+        # a daemonic process (a Dask worker's, by default) may not start processes: check inline there
+        if self.workers <= 1 or len(shards) < 2 or multiprocessing.current_process().daemon:
+            for s in shards:
+                yield scan_shard(s, *args, opts[s])
+            return
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        from itertools import islice
+
+        # spawn: the caller may hold threads (Prefect, torch) that fork would copy mid-lock
+        ex = ProcessPoolExecutor(min(self.workers, len(shards)), mp_context=multiprocessing.get_context("spawn"))
+        try:
+            todo = iter(shards)
+            pending = deque(ex.submit(scan_shard, s, *args, opts[s]) for s in islice(todo, 2 * self.workers))
+            while pending:
+                try:
+                    res = pending.popleft().result()
+                except BrokenProcessPool:
+                    raise CurateError("index: a worker process checking shards died (killed, or out of memory); "
+                                      "index.workers: 1 checks them in this process") from None
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(ex.submit(scan_shard, nxt, *args, opts[nxt]))
+                yield res
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
 
     def read(self, shards: list[str], step=None) -> pa.Table:
         """The split's rows; built shard by shard into Arrow batches, so what stays in memory for
@@ -254,36 +377,28 @@ class SplitScan:
         `step(1)` is told after each shard (the unit's progress)."""
         schema = COMMON_SCHEMA.append(SOURCE_FIELD)
         batches, rows = [], 0
-        for shard in shards:
-            expected, count = expected_sizes(shard), 0
-            cols = {k: [] for k in schema.names}
-            self.seen.current_shard = shard
-            try:
-                for sample in iter_shard(shard, self.max_member_bytes):
-                    count += 1
-                    try:
-                        label, caption, shape, source = check_sample(
-                            sample, shard, self.entry.fields, self.entry.num_classes, self.seen,
-                            self.require_captions, self.max_pixels)
-                    except ShardError as exc:
-                        if not self.skip:
-                            raise
-                        self._skip(shard, sample.key, exc, _source_of(sample))
-                        continue
-                    self.seen.add(sample.key)
-                    self.shapes.add(shape)
-                    for k, v in (("row", rows + len(cols["row"])), ("uid", f"{self.dataset}/{sample.key}"),
-                                 ("key", sample.key), ("shard", shard), ("offset", sample.offset), ("label", label),
-                                 ("caption", caption), ("source", source)):
-                        cols[k].append(v)
-                if expected is not None and count != expected:
-                    raise ShardError(f"shard {shard}: truncated or corrupt tar: {count} samples, sizes.json says {expected}")
-            except ShardError as exc:
-                if not self.skip or "truncated or corrupt" not in str(exc):
-                    raise
-                exc.reason = "truncated_shard"
-                self._skip(shard, None, exc)  # the rest of a truncated shard is unreadable: one counted skip
-            batch = pa.record_batch(cols, schema=schema)  # what this shard kept, before a truncation
+        for scan in self._scans(shards):
+            shard, cols = scan.shard, scan.rows
+            repeats = self.seen.earlier(cols["key"])  # keys of earlier shards, in sample order
+            for i in repeats:
+                key = cols["key"][i]
+                exc = bad_sample("repeated_key", f"shard {shard}: sample {key!r}: key repeated "
+                                                 f"(also in shard {self.seen[key]})")
+                if not self.skip:
+                    raise exc
+                scan.skipped.append((cols["offset"][i], _skip_record(shard, key, exc, cols["source"][i])))
+            if scan.error is not None:
+                exc = ShardError(scan.error[0])
+                exc.reason = scan.error[1]
+                raise exc
+            if repeats:
+                drop = set(repeats)
+                cols = {k: [v for i, v in enumerate(col) if i not in drop] for k, col in cols.items()}
+            for _, record in sorted(scan.skipped, key=lambda r: r[0]):
+                self._count(record)
+            self.shapes |= scan.shapes
+            cols["row"] = list(range(rows, rows + len(cols["key"])))
+            batch = pa.record_batch({k: cols[k] for k in schema.names}, schema=schema)
             rows += batch.num_rows
             batches.append(batch)
             self.seen.close_shard(shard, batch.column(schema.get_field_index("key")))
@@ -293,19 +408,14 @@ class SplitScan:
 
 
 class SeenKeys:
-    """The keys indexed so far, for the repeated-key check, without a Python string per sample:
-    earlier shards' keys as a sorted int64 array of their hashes (a hit is confirmed against the
-    shard's Arrow key column), the current shard's as a set. `key in seen`, `seen[key]` -> shard."""
+    """The keys of the shards indexed so far, for the repeated-key check, without a Python string
+    per sample: their hashes as a sorted int64 array (a hit is confirmed against the shard's Arrow
+    key column). `seen.earlier(keys)`, `key in seen`, `seen[key]` -> shard."""
 
     def __init__(self):
         self.hashes = np.empty(0, np.int64)
         self.owner = np.empty(0, np.int32)  # per hash: position in self.shards
         self.shards: list[tuple[str, pa.Array]] = []
-        self.current: set[str] = set()
-        self.current_shard = None
-
-    def add(self, key: str) -> None:
-        self.current.add(key)
 
     def close_shard(self, shard: str, keys: pa.Array) -> None:
         h = np.fromiter((hash(k) for k in keys.to_pylist()), np.int64, len(keys))
@@ -314,7 +424,14 @@ class SeenKeys:
         hashes = np.concatenate([self.hashes, h])
         owner = np.concatenate([self.owner, np.full(len(h), len(self.shards) - 1, np.int32)])
         order = np.argsort(hashes, kind="stable")
-        self.hashes, self.owner, self.current = hashes[order], owner[order], set()
+        self.hashes, self.owner = hashes[order], owner[order]
+
+    def earlier(self, keys: list[str]) -> list[int]:
+        """Positions of the keys that an earlier shard holds."""
+        if not len(self.hashes) or not keys:
+            return []
+        h = np.fromiter((hash(k) for k in keys), np.int64, len(keys))
+        return [int(i) for i in np.flatnonzero(np.isin(h, self.hashes)) if keys[i] in self]
 
     def _find(self, key: str) -> str | None:
         h = hash(key)
@@ -327,11 +444,9 @@ class SeenKeys:
         return None
 
     def __contains__(self, key: str) -> bool:
-        return key in self.current or self._find(key) is not None
+        return self._find(key) is not None
 
     def __getitem__(self, key: str) -> str:
-        if key in self.current:
-            return self.current_shard
         found = self._find(key)
         if found is None:
             raise KeyError(key)

@@ -17,3 +17,7 @@ class IndexConfig(Section):
     # an image whose header declares more pixels is never decoded (2**25: 8K UHD fits; PIL warns at 89M)
     max_member_bytes: int = Field(67_108_864, ge=1)
     max_pixels: int = Field(33_554_432, ge=1)
+    # processes that decode and check shards (None: the CPUs this process may use, at most 8, where the
+    # split holds 64 MiB of shards or more, else one); the index is the same for any count, so this
+    # is not in its fingerprint
+    workers: int | None = Field(None, ge=1, le=256)

@@ -64,6 +64,7 @@ def memory_catalog(tmp_path_factory) -> Path:
 
 def _runner(catalog: Path, run: Path, n: int) -> Runner:
     cfg = load_config({"run": str(run), "dataset": f"mem{n}", "seed": 0,
+                       "index": {"workers": 1},  # decode in this process, where memray measures it
                        "select": [{"method": "random", "budget": 0.1}],
                        "materialize": {"register_entry": False}})
     r = Runner(cfg, Catalog.load(catalog))
