@@ -6,9 +6,9 @@ from stages.index import IndexStage
 from stages.materialize import MaterializeStage
 from stages.report import ReportStage
 from stages.score import ScoreStage
-from stages.select import SelectStage
+from stages.select import SelectPartStage, SelectStage
 from stages.verify import VerifyStage
 
-STAGES = {s.name: s for s in (IndexStage(), EmbedPartStage(), EmbedStage(), ScoreStage(), SelectStage(),
+STAGES = {s.name: s for s in (IndexStage(), EmbedPartStage(), EmbedStage(), ScoreStage(), SelectPartStage(), SelectStage(),
                               MaterializeStage(), ExpertsStage(), DistillStage(), VerifyStage(),
                               ReportStage())}

@@ -25,6 +25,7 @@ from pipeline.arrays import num_classes_of
 from pipeline.errors import CurateError
 from pipeline.manifest import write_parquet
 from pipeline.methods import scores_needing
+from pipeline.npy import load_checked
 from pipeline.stage import Resources, Stage, StageContext
 
 from stages.kernels.scores import dynamics
@@ -81,11 +82,7 @@ def clip_scores(embed_dir, img: np.ndarray) -> np.ndarray:
     if not path.exists():
         raise CurateError("score clip: needs caption embeddings (embed/text_embeddings.npy): the dataset has no "
                           "captions, or embed.method is proxy (use proxy_clip or open_clip)")
-    txt = np.load(path).astype(np.float32)
-    bad = ~np.isfinite(txt).all(1)
-    if bad.any():
-        raise CurateError(f"score clip: text embeddings row {int(np.flatnonzero(bad)[0])} is NaN or infinite")
-    return clipscore(img, txt)
+    return clipscore(img, load_checked(path, "score clip: text embeddings"))
 
 
 def out_of_fold_probs(images: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, num_classes: int, epochs: int,
@@ -192,12 +189,12 @@ class ScoreStage(Stage):
         if "prototype" in c["methods"] and c["prototype_per_class"] and (counts[counts > 0] < 2).any():
             raise CurateError(f"score prototype per class: class {int(np.flatnonzero((counts > 0) & (counts < 2))[0])} has one sample")
         embed = ctx.input_dir("embed")
-        emb = np.load(embed / "embeddings.npy").astype(np.float32)
-        if not np.isfinite(emb).all():
-            raise CurateError(f"score: embeddings row {int(np.flatnonzero(~np.isfinite(emb).all(1))[0])} is NaN or infinite")
+        # [N, D] float32, held only where a method reads the embeddings (knn_shapley, prototype, influence, clip)
+        emb = load_checked(embed / "embeddings.npy", "score: embeddings") \
+            if scores_needing("embeddings", c["methods"]) else np.zeros((len(labels), 0), np.float32)
         val_emb = val_labels = None
-        if (embed / "val_embeddings.npy").exists():
-            val_emb = np.load(embed / "val_embeddings.npy").astype(np.float32)
+        if (embed / "val_embeddings.npy").exists() and scores_needing("validation", c["methods"]):
+            val_emb = load_checked(embed / "val_embeddings.npy", "score: validation embeddings")
             val_labels = ctx.index("val").labels
         dynamic = sorted(scores_needing("dynamics", c["methods"]))
         if dynamic and not (embed / "probs.npy").exists():

@@ -17,7 +17,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.ingest import ingest  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 
-from tests.helpers import fast_config  # noqa: E402
+from tests.helpers import FMNIST, PAIRS_N, PAIRS_NOISE, PAIRS_SEED, fast_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def pairs_catalog(tmp_path_factory):
+    """Real Fashion-MNIST image-caption pairs with planted wrong captions (pipeline.ingest.pair_captions)."""
+    if not FMNIST.exists():
+        pytest.skip("needs ../shared/datasets/fashion-mnist")
+    root = tmp_path_factory.mktemp("pairs")
+    cat = root / "data_catalog.yaml"
+    ingest("fmnist-pairs", root / "shards", "fmnist-pairs", src=str(FMNIST), catalog=str(cat), noise=PAIRS_NOISE,
+           seed=PAIRS_SEED, train_size=PAIRS_N)
+    return cat

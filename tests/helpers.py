@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("CURATE_FMNIST", REPO.parent / "shared" / "datasets" / "fashion-mnist"))
+PAIRS_NOISE, PAIRS_SEED, PAIRS_N = 0.3, 0, 1000  # fmnist-pairs: 1,000 train pairs, 30% of captions name a wrong class
 CURATE = [sys.executable, "-m", "pipeline.cli"]
 
 

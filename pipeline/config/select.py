@@ -66,8 +66,12 @@ class GradientCoresetSpec(SelectSpec):
     device: DEVICE = "auto"
 
 
+Parts = Annotated[int, Field(ge=1, le=10000)]  # per-group methods: run as this many select_part units (stages.select)
+
+
 class CraigSpec(GradientCoresetSpec):
     method: Literal["craig"]
+    parts: Parts = 1
     metric: Literal["euclidean", "cosine"] = "euclidean"
     optimizer: Literal["lazy", "stochastic"] = "stochastic"
     eps: float = Field(0.01, gt=0, lt=1)  # stochastic greedy: (1 - 1/e - eps) in expectation
@@ -198,6 +202,7 @@ class ClipCovSpec(SelectSpec):
 
     needs = frozenset({"embeddings", "captions"})
     method: Literal["clipcov"]
+    parts: Parts = 1
     groups: GROUPS = "kmeans"
     clusters: int = Field(10, ge=1)  # kmeans
     lam: float = Field(1.0, ge=0)  # weight of the redundancy term
@@ -237,6 +242,7 @@ class SasSpec(SelectSpec):
 
     needs = frozenset({"embeddings", "image_views"})  # image views only: no captions
     method: Literal["sas"]
+    parts: Parts = 1
     groups: GROUPS = "kmeans"
     clusters: int = Field(10, ge=1)
     optimizer: Literal["lazy", "stochastic"] = "stochastic"

@@ -16,26 +16,17 @@ import pytest
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.errors import CurateError
-from pipeline.ingest import FMNIST_CLASSES, ingest, pair_captions
+from pipeline.ingest import FMNIST_CLASSES, pair_captions
 from pipeline.manifest import read_parquet
 from pipeline.runner import Runner
 
-from tests.helpers import FMNIST, files_under
+from tests.helpers import FMNIST, PAIRS_N, PAIRS_NOISE, PAIRS_SEED, files_under
 
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs ../shared/datasets/fashion-mnist")
 
 TINY = {"embed_dim": 32, "vision_layers": 2, "vision_width": 64, "patch": 7, "text_layers": 1, "text_width": 64,
         "context": 12, "epochs": 8, "batch_size": 128, "lr": 2e-3}
-NOISE, SEED, N = 0.3, 0, 1000
-
-
-@pytest.fixture(scope="module")
-def pairs_catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    cat = root / "data_catalog.yaml"
-    ingest("fmnist-pairs", root / "shards", "fmnist-pairs", src=str(FMNIST), catalog=str(cat), noise=NOISE,
-           seed=SEED, train_size=N)
-    return cat
+NOISE, SEED, N = PAIRS_NOISE, PAIRS_SEED, PAIRS_N  # the pairs_catalog fixture's (tests/conftest.py)
 
 
 def pairs_config(run_dir, **over) -> dict:

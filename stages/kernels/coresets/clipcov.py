@@ -72,12 +72,17 @@ Where this departs from the paper, and why:
 Weights are 1.0: a group's picks are proportional to its size (the caller's alloc), so C_S is
 already the unweighted mean, and ClipCov trains on the subset as is.
 
-Computation: groups are batched into buckets of similar size (padded, at most `block_elems`
+Computation: groups are batched into buckets of similar size (bucket_plan: padded, at most BLOCK_ELEMS
 floats per modality, a group larger than that alone), data on `device` in float32. Per bucket
 the linear terms cost one batched product (via C_A [D, D], or the n x n Gram matrices when a
-group has fewer than D pairs), then each greedy step takes the best candidate of every group at
-once and updates all gains exactly with one redundancy column (two batched mat-vecs): memory
-O(n D + min(n, D)^2) per group, never N x N; ties go to the lower row.
+group has fewer than D pairs), then the greedy runs on each group's candidates only: its quality
+pool where that holds the group's budget (m = ceil(pool_factor * k) pairs; exact, since the greedy
+picks nowhere else then), else all its pairs. Each step takes the best candidate of every group at
+once and updates all gains exactly with one redundancy row, read from the candidates' m x m
+matrix K (built once, while a bucket's fits in GRAM_ELEMS) or else computed by two batched
+mat-vecs: memory O(n D + m^2) per group, never N x N; ties go to the lower row. Time: one
+O(n D^2 + m^2 D) pass per group, so 10% of 1M pairs in 10 groups costs seconds, not the
+O(k n D) of updating every pair at every step.
 
 SAS (Joshi & Mirzasoleiman, ICML 2023)
 --------------------------------------
@@ -110,11 +115,16 @@ import torch
 from pipeline.errors import CurateError
 
 ROW_BLOCK = 8192  # rows per block in host-side passes (finiteness, scores, covariances)
+BLOCK_ELEMS = 1 << 25  # floats per modality in one bucket of groups (padded [B, n_max, D])
+GRAM_ELEMS = 1 << 28  # clipcov keeps a bucket's candidate redundancy matrices (1 GiB float32) up to this size
 
 
 # ----------------------------------------------------------------- validation
 def _matrix(name: str, what: str, x) -> np.ndarray:
-    x = np.asarray(x)
+    """x checked [N, D], finite, floats. An array-like that reads rows on demand (pipeline.npy.NpyRows:
+    x[a:b], x[rows], shape, dtype) is checked block by block and passed on as it is."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")):
+        x = np.asarray(x)
     if x.ndim != 2:
         raise CurateError(f"{name}: {what} must be [N, D], got shape {x.shape}")
     if x.dtype.kind != "f":
@@ -236,18 +246,36 @@ def clipscore_filter(scores, *, k: int | None = None, threshold: float | None = 
 
 
 # ----------------------------------------------------------------- ClipCov
-def _buckets(sizes: np.ndarray, ids: np.ndarray, d: int, block_elems: int) -> list[np.ndarray]:
-    """Group ids batched by size: each bucket's padded [B, n_max, D] stays within block_elems
-    (a group larger than that is a bucket alone)."""
-    order = ids[np.lexsort((ids, sizes[ids]))]  # ascending size, then id
+def unrelated_score(blocks) -> float:
+    """<mean u, mean v> over every image-caption combination of the data: the expected score of an
+    unrelated caption. `blocks` yields (img, txt) row blocks of the data, in row order (float64 sums)."""
+    mean_u = mean_v = None
+    n = 0
+    for img, txt in blocks:
+        for s in range(0, len(img), ROW_BLOCK):
+            su = img[s:s + ROW_BLOCK].astype(np.float64).sum(0)
+            sv = txt[s:s + ROW_BLOCK].astype(np.float64).sum(0)
+            mean_u, mean_v = (su, sv) if mean_u is None else (mean_u + su, mean_v + sv)
+        n += len(img)
+    return 0.0 if n == 0 else float(mean_u @ mean_v) / n ** 2
+
+
+def bucket_plan(counts: np.ndarray, alloc: np.ndarray, d: int, block_elems: int | None = None) -> list[np.ndarray]:
+    """The groups clipcov batches together: ids with a budget, by ascending size (then id), each
+    bucket's padded [B, n_max, D] within block_elems (BLOCK_ELEMS; a group larger than that is a
+    bucket alone). A caller that splits the groups over units splits this list, so that every
+    bucket is computed as one call on the whole pool computes it (same padding, same floats)."""
+    block_elems = BLOCK_ELEMS if block_elems is None else block_elems
+    ids = np.flatnonzero(np.asarray(alloc))
+    order = ids[np.lexsort((ids, np.asarray(counts)[ids]))]
     out, cur = [], []
     for c in order:
-        if cur and (len(cur) + 1) * int(sizes[c]) * d > block_elems:
-            out.append(np.asarray(cur))
+        if cur and (len(cur) + 1) * int(counts[c]) * d > block_elems:
+            out.append(np.asarray(cur, np.int64))
             cur = []
         cur.append(c)
     if cur:
-        out.append(np.asarray(cur))
+        out.append(np.asarray(cur, np.int64))
     return out
 
 
@@ -255,6 +283,17 @@ def _masked_lower_median(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     srt = torch.where(valid, s, torch.full_like(s, math.inf)).sort(1).values
     cnt = valid.sum(1)
     return srt.gather(1, ((cnt - 1).clamp(min=0) // 2)[:, None])[:, 0]
+
+
+def _redundancy(u: torch.Tensor, v: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """K(i, j) = <u_i, u_j> <v_i, v_j> for every pair of each group, [B, m, m], built in row blocks
+    so that the peak is one [B, m, m] matrix and two [B, block, m] slices."""
+    b, m, _ = u.shape
+    out = torch.empty(b, m, m, dtype=u.dtype, device=u.device)
+    for s in range(0, m, block):
+        e = min(m, s + block)
+        torch.mul(u[:, s:e] @ u.transpose(1, 2), v[:, s:e] @ v.transpose(1, 2), out=out[:, s:e])
+    return out
 
 
 def _clipcov_bucket(u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, lam: float,
@@ -273,6 +312,7 @@ def _clipcov_bucket(u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, k: to
         thr = torch.minimum(0.5 * (base + med), med - gate * 1.4826 * mad)
         aligned &= ~((score < thr[:, None]) & (med > base)[:, None])
     n_aligned = aligned.sum(1)
+    misaligned = (valid & ~aligned).sum(1)
     w = aligned.to(u.dtype) / n_aligned.clamp(min=1)[:, None].to(u.dtype)
     eligible = aligned
     if pool_factor is not None:  # quality first: only the group's ceil(pool_factor * k) best-scored aligned pairs
@@ -280,38 +320,44 @@ def _clipcov_bucket(u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, k: to
         rank = torch.argsort(torch.argsort(masked, dim=1, descending=True, stable=True), dim=1)
         eligible = aligned & (rank < torch.ceil(pool_factor * k.to(score.dtype))[:, None])
     n_eligible = eligible.sum(1)
-    gram = n < d  # small groups: keep the n x n redundancy matrices, else C_A [D, D]
-    if gram:
-        kmat = (u @ u.transpose(1, 2)) * (v @ v.transpose(1, 2))  # K(i, j) for every pair of the group
-        gain = (kmat * w[:, None, :]).sum(-1)
-    else:
-        cov = (u * w[..., None]).transpose(1, 2) @ v  # C_A
+    if n < d:  # small groups: the linear term through the n x n redundancy matrices
+        gain = ((u @ u.transpose(1, 2)) * (v @ v.transpose(1, 2)) * w[:, None, :]).sum(-1)
+    else:  # through C_A [D, D]
+        cov = (u * w[..., None]).transpose(1, 2) @ v
         gain = ((u @ cov) * v).sum(-1)
         del cov
+    # The greedy only ever picks among a group's quality pool when that pool holds its budget (the
+    # usual case: pool_factor * k pairs); only the others need every pair. Candidates keep row order.
+    cand = torch.where((n_eligible >= k)[:, None], eligible, valid)
+    m = int(cand.sum(1).max())
+    pos = torch.argsort((~cand).to(torch.uint8), dim=1, stable=True)[:, :m]
+    u, v = (x.gather(1, pos[..., None].expand(-1, -1, d)) for x in (u, v))
+    gain, eligible, aligned, taken = gain.gather(1, pos), eligible.gather(1, pos), aligned.gather(1, pos), \
+        ~cand.gather(1, pos)
+    kmat = _redundancy(u, v) if b * m * m <= GRAM_ELEMS else None  # K(i, j) among candidates, else per step
     kmax = int(k.max())
     coef = (lam / k.clamp(min=1).to(u.dtype))[:, None]
-    taken = ~valid
     picks = torch.zeros(b, kmax, dtype=torch.int64, device=u.device)
     obj = torch.zeros(b, dtype=torch.float64, device=u.device)
     for t in range(kmax):
         # pairs outside the quality pool wait until it is used up, misaligned ones until the aligned are
         blocked = taken | (~eligible & (t < n_eligible)[:, None]) | (~aligned & (t < n_aligned)[:, None])
         j = torch.where(blocked, torch.full_like(gain, -math.inf), gain).argmax(1)  # first max: lowest row
-        picks[:, t] = j
+        picks[:, t] = pos[ar, j]
         obj += torch.where(t < k, gain[ar, j], torch.zeros_like(obj, dtype=gain.dtype)).double()
         taken[ar, j] = True
         if lam and t + 1 < kmax:
-            if gram:
-                red = kmat[ar, :, j]
+            if kmat is not None:
+                red = kmat[ar, j]
             else:
                 red = (u @ u[ar, j, :, None])[..., 0] * (v @ v[ar, j, :, None])[..., 0]
             gain -= coef * red
-    return picks.cpu().numpy(), obj.cpu().numpy(), (valid & ~aligned).sum(1).cpu().numpy()
+    return picks.cpu().numpy(), obj.cpu().numpy(), misaligned.cpu().numpy()
 
 
 def clipcov(img, txt, groups, alloc, *, lam: float = 1.0, gate: float | None = 3.0,
-            pool_factor: float | None = None, device="cpu", seed: int = 0,
-            block_elems: int = 1 << 25) -> tuple[np.ndarray, np.ndarray, dict]:
+            pool_factor: float | None = None, device="cpu", seed: int = 0, base: float | None = None,
+            buckets: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """ClipCov per pseudo-class (objective in the module docstring): alloc[g] pairs of group g.
 
     pool_factor: group g picks among its ceil(pool_factor * alloc[g]) aligned pairs of highest CLIP
@@ -320,6 +366,12 @@ def clipcov(img, txt, groups, alloc, *, lam: float = 1.0, gate: float | None = 3
 
     Returns (rows, weights, info): rows in selection order (groups by id, greedy order within),
     float32 weights (all 1.0), info with per-group `objective` F_l and `misaligned` counts.
+    base: the expected CLIP score of an unrelated caption (`unrelated_score` of the whole pool);
+    None: computed from img and txt. A caller that runs the groups in parts passes the pool's, so
+    that each part gates its pairs exactly as one call on the whole pool would.
+    buckets: the groups to batch together (bucket_plan's, or a run of them: a part of a split
+    selection); None: bucket_plan of these groups. Every group with a budget is in exactly one.
+
     `seed` is accepted for a uniform signature: the greedy is deterministic (ties to the lower
     row) and draws nothing.
     """
@@ -340,14 +392,15 @@ def clipcov(img, txt, groups, alloc, *, lam: float = 1.0, gate: float | None = 3
     members = _members(groups, len(alloc))
     d = img.shape[1]
     # the expected score of an unrelated caption: mean over all image-caption combinations
-    mean_u = np.zeros(d)
-    mean_v = np.zeros(d)
-    for s in range(0, len(img), ROW_BLOCK):
-        mean_u += img[s:s + ROW_BLOCK].astype(np.float64).sum(0)
-        mean_v += txt[s:s + ROW_BLOCK].astype(np.float64).sum(0)
-    base = float(mean_u @ mean_v) / len(img) ** 2
+    if base is None:
+        base = unrelated_score([(img, txt)])
     picked: dict[int, np.ndarray] = {}
-    for bucket in _buckets(counts, todo, d, block_elems):
+    if buckets is None:
+        buckets = bucket_plan(counts, alloc, d)
+    planned = np.sort(np.concatenate(buckets)) if buckets else np.zeros(0, np.int64)
+    if not np.array_equal(planned, todo):
+        raise CurateError("clipcov: buckets must hold every group with a budget exactly once")
+    for bucket in buckets:
         n = int(counts[bucket].max())
         idx = np.zeros((len(bucket), n), np.int64)
         valid = np.zeros((len(bucket), n), bool)

@@ -78,8 +78,10 @@ def _similarity(q: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _walk(x: torch.Tensor, thr: float, bounds, views: Views | None = None, block: int = BLOCK):
-    """The walk over x (unit rows, in walk order), each segment [a, b) of `bounds` on its own.
+def _walk(x: torch.Tensor, thr: float, bounds, views: Views | None = None, block: int = BLOCK,
+          order: torch.Tensor | None = None):
+    """The walk over x (unit rows, in walk order; or x[order] where an order is given, read a block
+    at a time), each segment [a, b) of `bounds` on its own.
 
     Rows are handled in blocks: a block is first compared with the earlier blocks of its segment
     (whose keep flags are final: a row duplicating a kept one there is dropped), then the greedy
@@ -88,6 +90,7 @@ def _walk(x: torch.Tensor, thr: float, bounds, views: Views | None = None, block
     similarities of both. Returns (keep, dup_of, dup_sim, nn_sim) tensors in walk order.
     """
     n, dev = len(x), x.device
+    rows = (lambda s, e: x[s:e]) if order is None else (lambda s, e: x[order[s:e]])
     keep = torch.zeros(n, dtype=torch.bool, device=dev)
     dup_of = torch.full((n,), -1, dtype=torch.int64, device=dev)
     dup_sim = torch.full((n,), float("nan"), device=dev)
@@ -97,17 +100,17 @@ def _walk(x: torch.Tensor, thr: float, bounds, views: Views | None = None, block
         for s in range(a, b, block):
             e = min(s + block, b)
             m = e - s
-            q = views(s, e) if views is not None else x[s:e][None]
+            q = views(s, e) if views is not None else rows(s, e)[None]
             best = torch.full((m,), -float("inf"), device=dev)
             best_j = torch.full((m,), -1, dtype=torch.int64, device=dev)
             for c in range(a, s, block):  # earlier blocks of the segment
-                sim = _similarity(q, x[c:c + block])
+                sim = _similarity(q, rows(c, min(c + block, b)))
                 nn[s:e] = torch.maximum(nn[s:e], sim.max(1).values)
                 nn[c:c + block] = torch.maximum(nn[c:c + block], sim.max(0).values)
                 v, j = torch.where(keep[c:c + block][None, :], sim, neg).max(1)
                 better = v > best
                 best, best_j = torch.where(better, v, best), torch.where(better, j + c, best_j)
-            raw = _similarity(q, x[s:e])  # raw[i, j]: view of i against j
+            raw = _similarity(q, rows(s, e))  # raw[i, j]: view of i against j
             lower = torch.ones(m, m, dtype=torch.bool, device=dev).tril(-1)
             sim = torch.where(lower, raw, raw.T)  # (i, j) and (j, i): the later row's views
             sim.fill_diagonal_(-float("inf"))
@@ -136,20 +139,32 @@ def _check_eps(eps: float, who: str) -> float:
     return 1.0 - eps
 
 
-def _unit_rows(emb: np.ndarray, center: bool = False) -> np.ndarray:
-    x = np.asarray(emb, dtype=np.float32)
+def _unit_rows(emb: np.ndarray, center: bool = False, overwrite: bool = False) -> np.ndarray:
+    """Unit rows (after subtracting the mean where `center`), float32, made block by block: one
+    [N, D] result and no temporaries of the whole; with `overwrite`, into emb itself where it is
+    float32 (the caller hands its array over)."""
+    x = np.asarray(emb)
     if x.ndim != 2:
         raise CurateError(f"semdedup: embeddings must be [N, D], got shape {x.shape}")
-    bad = ~np.isfinite(x).all(1)
-    if bad.any():
-        raise CurateError(f"semdedup: embedding row {int(np.flatnonzero(bad)[0])} is NaN or infinite")
+    out = x if overwrite and x.dtype == np.float32 and x.flags.writeable else np.empty(x.shape, np.float32)
+    mean = np.zeros(x.shape[1], np.float32)
     if center and len(x):
-        x = x - x.mean(0, dtype=np.float64).astype(np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norm == 0).any():
-        what = "equals the mean embedding" if center else "has zero norm"
-        raise CurateError(f"semdedup: embedding row {int(np.flatnonzero(norm[:, 0] == 0)[0])} {what}")
-    return x / norm
+        total = np.zeros(x.shape[1], np.float64)
+        for s in range(0, len(x), 65536):
+            total += x[s:s + 65536].astype(np.float64).sum(0)
+        mean = (total / len(x)).astype(np.float32)
+    for s in range(0, len(x), 65536):
+        b = x[s:s + 65536].astype(np.float32)
+        bad = ~np.isfinite(b).all(1)
+        if bad.any():
+            raise CurateError(f"semdedup: embedding row {s + int(np.flatnonzero(bad)[0])} is NaN or infinite")
+        b -= mean
+        norm = np.linalg.norm(b, axis=1, keepdims=True)
+        if (norm == 0).any():
+            what = "equals the mean embedding" if center else "has zero norm"
+            raise CurateError(f"semdedup: embedding row {s + int(np.flatnonzero(norm[:, 0] == 0)[0])} {what}")
+        out[s:s + 65536] = b / norm
+    return out
 
 
 def _unwalk(order: np.ndarray, keep, dup_of, dup_sim, nn) -> tuple[np.ndarray, ...]:
@@ -166,7 +181,7 @@ def _unwalk(order: np.ndarray, keep, dup_of, dup_sim, nn) -> tuple[np.ndarray, .
 
 
 def semdedup_walk(emb: np.ndarray, *, eps: float, clusters: int | None = None, seed: int = 0,
-                  device="cpu", center: bool = False, knn: dict | None = None) -> Dedup:
+                  device="cpu", center: bool = False, knn: dict | None = None, overwrite: bool = False) -> Dedup:
     """SemDeDup (Abbas et al. 2023) with each removed sample's kept twin.
 
     eps in (0, 2): pairs with cosine similarity > 1 - eps are duplicates. `clusters` defaults to
@@ -175,9 +190,11 @@ def semdedup_walk(emb: np.ndarray, *, eps: float, clusters: int | None = None, s
     center: subtract the mean embedding first. Non-negative features (a proxy's ReLU outputs)
     all sit in one orthant, where every cosine is high and a fixed eps removes far too much;
     centred, cosines spread over [-1, 1] as they do for CLIP embeddings.
+    overwrite: emb (float32) may be overwritten by its unit rows, so that memory holds one [N, D]
+    array (the walk reads each cluster's rows through the walk order, never a reordered copy).
     """
     thr = _check_eps(eps, "semdedup")
-    x = _unit_rows(emb, center)
+    x = _unit_rows(emb, center, overwrite)
     n = len(x)
     if n == 0:
         e = np.zeros(0, np.int64)
@@ -206,7 +223,7 @@ def semdedup_walk(emb: np.ndarray, *, eps: float, clusters: int | None = None, s
     order = np.lexsort((np.arange(n), cos_np, assign_np))
     ends = np.cumsum(np.bincount(assign_np, minlength=clusters))
     bounds = [(int(a), int(b)) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends) if b > a]
-    res = _walk(xt[torch.as_tensor(order, device=dev)], thr, bounds)
+    res = _walk(xt, thr, bounds, order=torch.as_tensor(order, device=dev))
     return Dedup(*_unwalk(order, *res), cluster=assign_np.astype(np.int64))
 
 

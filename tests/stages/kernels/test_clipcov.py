@@ -93,6 +93,46 @@ def test_greedy_is_exact_and_objective_is_the_frobenius_error():
     assert rows2[g[rows2] == 1].tolist() == m[reference_greedy(img[m], txt[m], 20, 3.0)].tolist()
 
 
+def test_quality_pool_greedy_runs_on_its_candidates_only(monkeypatch):
+    # pool_factor 1.5: each group picks among its ceil(1.5 k) best-scored pairs, with the linear term
+    # from all of the group's pairs; the greedy written out on the pool agrees, with the candidates'
+    # redundancy matrix (default) and with per-step mat-vecs (GRAM_ELEMS 0) alike
+    img, txt, g, _ = pairs(sizes=(40, 300, 420), d=24, seed=7)
+    alloc = np.array([4, 30, 42])
+    rows, _, info = clipcov(img, txt, g, alloc, lam=1.0, gate=None, pool_factor=1.5)
+    for c, k in enumerate(alloc):
+        m = np.flatnonzero(g == c)
+        u, v = img[m].astype(np.float64), txt[m].astype(np.float64)
+        kmat = (u @ u.T) * (v @ v.T)
+        gain = kmat.mean(1)
+        pool = np.argsort(-(u * v).sum(1), kind="stable")[:int(np.ceil(1.5 * k))]
+        picks = []
+        for _ in range(k):
+            j = int(pool[np.argmax(np.where(np.isin(pool, picks), -np.inf, gain[pool]))])
+            picks.append(j)
+            gain = gain - 1.0 / k * kmat[:, j]
+        assert rows[g[rows] == c].tolist() == m[picks].tolist()
+    monkeypatch.setattr(cc, "GRAM_ELEMS", 0)
+    again, _, info2 = clipcov(img, txt, g, alloc, lam=1.0, gate=None, pool_factor=1.5)
+    assert again.tolist() == rows.tolist()
+    assert info2["objective"] == pytest.approx(info["objective"], rel=1e-5)
+
+
+def test_budget_beyond_the_aligned_pairs_falls_back_to_every_pair(monkeypatch):
+    # 30% mismatched captions and a 90% budget: the aligned pairs cannot fill it, so each group's
+    # greedy runs on all its pairs and takes the misaligned ones last
+    img, txt, g, planted = pairs(text_noise=0.3, mismatch=0.3, seed=3)
+    alloc = alloc_for(g, 0.9)
+    rows, _, info = clipcov(img, txt, g, alloc, pool_factor=1.5)
+    for c, k in enumerate(alloc):
+        picks = rows[g[rows] == c]
+        bad = info["misaligned"][c]
+        assert len(picks) == k and bad > 0
+        assert not planted[picks[:k - bad]].any() or planted[picks[:k - bad]].mean() < 0.05
+    monkeypatch.setattr(cc, "GRAM_ELEMS", 0)
+    assert clipcov(img, txt, g, alloc, pool_factor=1.5)[0].tolist() == rows.tolist()
+
+
 def test_mismatched_pairs_are_left_out():
     img, txt, g, planted = pairs(text_noise=0.3, mismatch=0.3, seed=3)
     alloc = alloc_for(g, 0.3)
@@ -143,8 +183,12 @@ def test_determinism_counts_and_buckets():
     assert (np.diff(g[rows]) >= 0).all()  # groups in id order
     assert sorted(info["objective"]) == [0, 1, 2, 3]
     # one group per bucket gives the same picks as one padded bucket for all
-    one = clipcov(img, txt, g, alloc, block_elems=1)
+    singles = cc.bucket_plan(np.bincount(g), alloc, img.shape[1], block_elems=1)
+    assert [b.tolist() for b in singles] == [[0], [1], [2], [3]]  # by size: 12, 60, 90, 150
+    one = clipcov(img, txt, g, alloc, buckets=singles)
     assert one[0].tolist() == rows.tolist()
+    with pytest.raises(CurateError, match="every group with a budget exactly once"):
+        clipcov(img, txt, g, alloc, buckets=singles[:3])
     # float16 input runs and honours the allocation
     r16, _, _ = clipcov(img.astype(np.float16), txt.astype(np.float16), g, alloc)
     assert np.bincount(g[r16], minlength=len(alloc)).tolist() == alloc.tolist()
