@@ -2,7 +2,7 @@
 precomputed embeddings, each unit in its own process; prints wall seconds and peak RSS per unit
 and in total, and dedup's recall on the planted near-copies.
 
-    python bench/scale.py --n 100000 --d 512 [--device cpu] [--keep DIR]
+    python bench/scale.py --n 100000 --d 512 [--device cpu] [--parts P] [--keep DIR]
 
 Writes, in a temporary folder (or --keep DIR): N samples as WebDataset shards (an 8x8 PNG,
 label of 10 classes, a caption naming the class, wrong for 30% of samples), of which 2% are
@@ -12,7 +12,9 @@ float32) around one direction per class. Then, through curate's Runner (`curate 
 path, one process per unit so each unit's figures are its own): index -> embed precomputed ->
 select dedup (features: embeddings), craig 10% (embeddings, sparse graph), clipcov 10% ->
 materialize of craig's and clipcov's selections. Figures come from each unit's _stage.json
-(wall_seconds, cpu_seconds, peak_rss_bytes). Generating the data is not counted.
+(wall_seconds, cpu_seconds, peak_rss_bytes). Generating the data is not counted. `--parts P` runs
+craig and clipcov as P select_part units each (what a cluster spreads; here one after another).
+With --keep DIR, a second call on the same DIR and --n reuses the generated data (the run is redone).
 """
 
 from __future__ import annotations
@@ -93,7 +95,20 @@ def generate(root: Path, n: int, d: int, seed: int = 0) -> dict:
             writers[kind].write_table(pa.table({"key": keys[s:e], "embedding": emb}))
     for w in writers.values():
         w.close()
+    np.savez(root / "planted.npz", copies=copies, original=original)
     return {"copies": copies, "original": original, "keys": keys}
+
+
+def reuse(root: Path, n: int) -> dict | None:
+    """The planted pairs of data generated before in root for the same n, else None."""
+    path = root / "planted.npz"
+    if not path.exists() or not (root / "data_catalog.yaml").exists():
+        return None
+    with np.load(path) as z:
+        copies, original = z["copies"], z["original"]
+    if int(round(len(copies) / COPY_RATE)) != n:
+        return None
+    return {"copies": copies, "original": original, "keys": [f"s{i:08d}" for i in range(n)]}
 
 
 def run_unit(run: Path, catalog: Path, unit: str) -> None:
@@ -111,6 +126,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--device", default="cpu", help="select's device (cpu, or cuda where there is one)")
+    ap.add_argument("--parts", type=int, default=1, help="craig and clipcov as this many select_part units each")
     ap.add_argument("--keep", default=None, help="generate and run in this folder and keep it")
     a = ap.parse_args()
 
@@ -122,20 +138,27 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        planted = generate(root, a.n, a.d)
-        print(f"generated {a.n:,} samples x {a.d} in {time.perf_counter() - t0:.0f} s (not counted)", flush=True)
+        planted = reuse(root, a.n) if a.keep else None
+        if planted is None:
+            planted = generate(root, a.n, a.d)
+            print(f"generated {a.n:,} samples x {a.d} in {time.perf_counter() - t0:.0f} s (not counted)", flush=True)
+        else:
+            print(f"reusing the {a.n:,} samples generated in {root}", flush=True)
+        shutil.rmtree(root / "run", ignore_errors=True)
+        parts = {"parts": a.parts} if a.parts > 1 else {}
         dev = {"device": a.device}
         cfg = load_config({"run": str(root / "run"), "dataset": "scale", "seed": 0,
                            "embed": {"method": "precomputed", "path": str(root / "image_emb.parquet"),
                                      "text_path": str(root / "text_emb.parquet")},
                            "select": [{"method": "dedup", "features": "embeddings", **dev},
-                                      {"method": "craig", "budget": 0.1, "features": "embeddings", "graph": "sparse"},
-                                      {"method": "clipcov", "budget": 0.1}],
+                                      {"method": "craig", "budget": 0.1, "features": "embeddings", "graph": "sparse",
+                                       **parts},
+                                      {"method": "clipcov", "budget": 0.1, **parts}],
                            "materialize": {"register_entry": False}})
         catalog = root / "data_catalog.yaml"
         runner = Runner(cfg, Catalog.load(catalog))
         runner.write_run_json()
-        units = ["index", *runner.units("embed"), *runner.units("select"),
+        units = ["index", *runner.units("embed"), *runner.units("select_part"), *runner.units("select"),
                  *[u for u in runner.units("materialize") if "dedup" not in u]]
         print(f"{'unit':<34}{'wall s':>9}{'cpu s':>9}{'peak RSS MiB':>14}", flush=True)
         total_wall, peak = 0.0, 0
