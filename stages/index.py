@@ -431,7 +431,8 @@ class SeenKeys:
         if not len(self.hashes) or not keys:
             return []
         h = np.fromiter((hash(k) for k in keys), np.int64, len(keys))
-        return [int(i) for i in np.flatnonzero(np.isin(h, self.hashes)) if keys[i] in self]
+        at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)  # hashes are sorted
+        return [int(i) for i in np.flatnonzero(self.hashes[at] == h) if keys[i] in self]
 
     def _find(self, key: str) -> str | None:
         h = hash(key)

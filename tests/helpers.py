@@ -28,6 +28,16 @@ def one_line_error(res) -> str:
     return lines[0]
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a module: its real-process helpers (servers, clusters) that tests share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def fast_config(run_dir: Path, **sections) -> dict:
     cfg = {
         "run": str(run_dir), "dataset": "digits", "seed": 0,

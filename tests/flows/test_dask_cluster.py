@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import fast_config
+from tests.helpers import fast_config, load_bench
+
+DASK_BENCH = load_bench("dask_verify")  # stops the scheduler and workers as the benchmark does
 
 DASK = Path(sys.executable).parent / "dask"  # the venv's: its workers import this (editable) curate
 DISTILL = {"specs": [{"method": "mtt", "ipc": 1, "iterations": 3, "syn_steps": 2, "expert_epochs": 1,
@@ -38,19 +38,13 @@ def prefect_server(tmp_path_factory):
         yield
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DaskProcesses:
     """A scheduler and workers as real processes, each stopped by its PID."""
 
     def __init__(self, root: Path):
         self.root, self.procs = root, []
         root.mkdir()
-        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.address = f"tcp://127.0.0.1:{DASK_BENCH.free_port()}"
         self._start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", self.address.rsplit(":", 1)[1],
                     "--no-dashboard")
 
@@ -82,14 +76,7 @@ class DaskProcesses:
             return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
+        DASK_BENCH.stop(self.procs)
 
 
 @pytest.fixture
@@ -220,7 +207,7 @@ def test_no_scheduler_at_the_address_is_one_line(tmp_path):
     from pipeline.config import load_config
     from pipeline.errors import CurateError
 
-    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    address = f"tcp://127.0.0.1:{DASK_BENCH.free_port()}"  # nothing listens there
     cfg = load_config(fast_config(tmp_path, flow={"task_runner": "dask", "address": address}))
     with pytest.raises(CurateError, match=rf"^flow.address: no Dask scheduler answers at {re.escape(address)} "):
         dask_runner(cfg)

@@ -16,24 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, fast_config
+from tests.helpers import REPO, fast_config, load_bench
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 CURATE = str(Path(sys.executable).with_name("curate"))
 
 
-def _bench():
-    """bench/schedule.py, whose real-server helpers these tests share."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_schedule", REPO / "bench" / "schedule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _bench()
+BENCH = load_bench("schedule")  # its real-server helpers
 api = BENCH.api
 
 

@@ -180,6 +180,11 @@ def cross_covariance(img, txt, rows=None, weights=None) -> np.ndarray:
     """sum_i w_i x_i^I (x_i^T)^T / sum_i w_i over `rows` (default all; weights default 1), [D, D]
     float64."""
     img, txt = _pairs("cross_covariance", img, txt)
+    return _cross_cov(img, txt, rows, weights)
+
+
+def _cross_cov(img, txt, rows=None, weights=None) -> np.ndarray:
+    """cross_covariance of pairs already checked by _pairs."""
     rows = np.arange(len(img)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
     if len(rows) and (rows.min() < 0 or rows.max() >= len(img)):
         raise CurateError(f"cross_covariance: rows must lie in [0, {len(img)})")
@@ -198,11 +203,12 @@ def cross_covariance(img, txt, rows=None, weights=None) -> np.ndarray:
 
 def cross_cov_error(img, txt, rows, weights=None) -> float:
     """||C_S - C_V||_F / ||C_V||_F: how far the subset's cross-covariance is from the full data's."""
-    full = cross_covariance(img, txt)
+    img, txt = _pairs("cross_cov_error", img, txt)  # checked once (a pool on disk is read once for it)
+    full = _cross_cov(img, txt)
     norm = np.linalg.norm(full)
     if norm == 0:
         raise CurateError("cross_cov_error: the full data's cross-covariance is zero")
-    return float(np.linalg.norm(cross_covariance(img, txt, rows, weights) - full) / norm)
+    return float(np.linalg.norm(_cross_cov(img, txt, rows, weights) - full) / norm)
 
 
 # ----------------------------------------------------------------- CLIP score
