@@ -29,9 +29,10 @@ class KnnConfig(Section):
     k: int = Field(32, ge=1)  # neighbours per row in a k-NN graph where the method sets none; knn_shapley's depth (faiss)
     index: Literal["ivf", "hnsw"] = "ivf"  # faiss graph index: IVF-Flat or HNSW-Flat
     nlist: int | None = Field(None, ge=1)  # ivf lists; None: round(4 sqrt(N))
-    nprobe: int = Field(32, ge=1)  # ivf lists searched per query (recall@32 >= 0.99 on the tests' data)
-    train_per_list: int = Field(64, ge=1)  # ivf: trained on a seeded sample of this many rows per list
+    nprobe: int = Field(32, ge=1)  # ivf: at most this many lists compared with each group of queries
+    max_codes: int | None = Field(None, ge=1)  # ivf: and no more once this many candidate rows; None: the mean
+    train_per_list: int = Field(32, ge=1)  # ivf: trained on a seeded sample of this many rows per list
     hnsw_m: int = Field(32, ge=2)  # hnsw links per node
     ef_search: int = Field(128, ge=1)  # hnsw candidates kept while searching (raised to k + 1 if lower)
     ef_construction: int = Field(80, ge=1)  # hnsw candidates kept while building
-    max_points_per_centroid: int = Field(256, ge=1)  # k-means fits on a seeded sample of this many rows per centroid
+    max_points_per_centroid: int = Field(128, ge=1)  # k-means fits on a seeded sample of this many rows per centroid

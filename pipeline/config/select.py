@@ -204,7 +204,7 @@ class ClipCovSpec(SelectSpec):
     method: Literal["clipcov"]
     parts: Parts = 1
     groups: GROUPS = "kmeans"
-    clusters: int = Field(10, ge=1)  # kmeans
+    clusters: int | None = Field(None, ge=1)  # kmeans; None: max(10, N // 10,000) (stages/select/pool.py)
     lam: float = Field(1.0, ge=0)  # weight of the redundancy term
     gate: float | None = Field(3.0, ge=0)  # misaligned: CLIP score this many robust stds below the group's median
     pool_factor: float | None = Field(1.5, ge=1)  # picks come from the ceil(pool_factor * k) best-scored pairs first
@@ -244,7 +244,7 @@ class SasSpec(SelectSpec):
     method: Literal["sas"]
     parts: Parts = 1
     groups: GROUPS = "kmeans"
-    clusters: int = Field(10, ge=1)
+    clusters: int | None = Field(None, ge=1)  # kmeans; None: max(10, N // 10,000) (stages/select/pool.py)
     optimizer: Literal["lazy", "stochastic"] = "stochastic"
     eps: float = Field(0.01, gt=0, lt=1)
     device: DEVICE = "auto"

@@ -14,6 +14,15 @@ from pipeline.npy import NpyRows, load_checked
 from pipeline.sampling import proportional_allocation
 from pipeline.stage import StageContext
 
+PAIRS_PER_GROUP = 10_000  # default_clusters: about this many candidates per k-means pseudo-class
+
+
+def default_clusters(n: int) -> int:
+    """k-means pseudo-classes of clipcov and sas where `clusters` is unset: 10, and one per
+    PAIRS_PER_GROUP candidates past 100,000, so that a group's greedy (its m x m redundancy
+    matrix, its facility gains) stays the same size as the pool grows instead of growing as N^2."""
+    return max(10, n // PAIRS_PER_GROUP)
+
 
 @dataclass
 class Pool:
@@ -87,7 +96,8 @@ class Pool:
             return self.class_alloc(k)
         from stages.kernels.coresets.clipcov import kmeans_groups
 
-        groups = kmeans_groups(self.stream("embeddings.npy"), min(spec.clusters, len(self.whole_rows)),
+        n = len(self.whole_rows)
+        groups = kmeans_groups(self.stream("embeddings.npy"), min(spec.clusters or default_clusters(n), n),
                                seed=self.ctx.cfg.seed, device=self.ctx.device, knn=self.knn)
         return groups, proportional_allocation(np.bincount(groups), k)
 

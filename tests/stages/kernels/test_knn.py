@@ -72,6 +72,20 @@ def test_faiss_ivf_recall_on_planted_clusters(clustered):
     assert 0.2 < recall(exact, few) < recall(exact, idx)
 
 
+def test_ivf_max_codes_stops_the_probing(clustered):
+    """max_codes caps the candidate rows of a group of queries: at 1, each group sees only its own
+    list (still k distinct other rows each, taken from every row where its list is too short), and
+    recall falls; no cap at all probes the full nprobe lists."""
+    x, _, exact, _ = clustered
+    own, _ = knn_graph(x, 32, backend="faiss", nprobe=32, max_codes=1)
+    full, _ = knn_graph(x, 32, backend="faiss", nprobe=32, max_codes=10**9)
+    capped, _ = knn_graph(x, 32, backend="faiss", nprobe=32)
+    for g in (own, full, capped):
+        assert not (g == np.arange(len(x))[:, None]).any()
+        assert (np.diff(np.sort(g, axis=1), axis=1) > 0).all()  # k distinct neighbours
+    assert recall(exact, own) < 0.8 and min(recall(exact, capped), recall(exact, full)) >= 0.99
+
+
 def test_faiss_graph_repeats_exactly(clustered):
     x = clustered[0][:8000]
     a = knn_graph(x, 16, backend="faiss", seed=3)

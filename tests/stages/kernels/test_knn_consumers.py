@@ -54,11 +54,11 @@ def graph_pairs(sim) -> set:
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_craig_objective_on_the_faiss_graph(monkeypatch, metric):
     """CRAIG's picks from a faiss graph reach >= 0.99 of the exact graph's picks' facility-location
-    objective, both measured on the exact k-NN graph (20,000 x 64, 40 clusters, 10% picked). nprobe 8
+    objective, both measured on the exact k-NN graph (20,000 x 64, 40 clusters, 10% picked). nprobe 12
     (of 566 lists) keeps the graph's recall below 0.99, so the two graphs and their picks differ."""
     x, _ = manifold_clusters(latent=16, noise=0.3)
     feats, labels, alloc = plain(x), np.zeros(len(x), np.int64), np.array([2000])
-    opts = {**FAISS, "nprobe": 8}
+    opts = {**FAISS, "nprobe": 12}
     calls = spy(monkeypatch, "knn_graph")
     rows_a, w_a, info_a = craig(feats, labels, alloc, metric=metric, graph="sparse", knn_options=opts, seed=0)
     assert calls == ["faiss"] and info_a["graph"] == {0: "sparse"}
@@ -82,7 +82,7 @@ def test_craig_weights_from_faiss_agree_with_the_exact_assignment(metric):
     x, _ = manifold_clusters(latent=16, noise=0.3)
     feats, picks = plain(x), np.sort(np.random.default_rng(0).choice(len(x), 2000, replace=False))
     exact = assignment_weights(feats, picks, metric)
-    approx = assignment_weights(feats, picks, metric, {**FAISS, "nprobe": 8}, seed=0)
+    approx = assignment_weights(feats, picks, metric, {**FAISS, "nprobe": 12}, seed=0)
     assert approx.dtype == np.float32 and approx.sum() == pytest.approx(len(x), rel=1e-5)
     moved = np.abs(approx.astype(np.float64) - exact).sum() / 2  # each moved sample shifts one unit
     assert moved <= 0.01 * len(x), moved
@@ -96,7 +96,7 @@ def test_sparse_graph_faiss_matches_exact_layout():
     x, _ = manifold_clusters(n=6000, clusters=10)
     for metric in ("euclidean", "cosine"):
         e = similarity(plain(x), metric, graph="sparse", knn=16, knn_options=EXACT)
-        a = similarity(plain(x), metric, graph="sparse", knn=16, knn_options={**FAISS, "nprobe": 8})
+        a = similarity(plain(x), metric, graph="sparse", knn=16, knn_options={**FAISS, "nprobe": 16})
         assert a.n == e.n and len(a.rows) == len(e.rows) == 6000 * 16
         pairs_e = set(zip(e.rows.tolist(), np.repeat(np.arange(e.n), np.diff(e.indptr.numpy())).tolist()))
         pairs_a = set(zip(a.rows.tolist(), np.repeat(np.arange(a.n), np.diff(a.indptr.numpy())).tolist()))
