@@ -35,4 +35,4 @@ class KnnConfig(Section):
     hnsw_m: int = Field(32, ge=2)  # hnsw links per node
     ef_search: int = Field(128, ge=1)  # hnsw candidates kept while searching (raised to k + 1 if lower)
     ef_construction: int = Field(80, ge=1)  # hnsw candidates kept while building
-    max_points_per_centroid: int = Field(128, ge=1)  # k-means fits on a seeded sample of this many rows per centroid
+    max_points_per_centroid: int = Field(256, ge=1)  # k-means fits on a seeded sample of this many rows per centroid

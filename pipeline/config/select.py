@@ -82,10 +82,17 @@ class CraigSpec(GradientCoresetSpec):
 
 class GradMatchSpec(GradientCoresetSpec):
     method: Literal["gradmatch"]
+    parts: Parts = 1  # per: class only (batches span the classes)
     per: Literal["class", "batch"] = "class"
     batch_size: int = Field(32, ge=1)  # per: batch
     lam: float = Field(0.05, ge=0)  # ridge on the weights, for gradients scaled to unit mean norm
     tol: float = Field(1e-5, gt=0)  # stop when ||residual|| / ||target|| <= tol (small: OMP usually fills the budget)
+
+    @model_validator(mode="after")
+    def _parts_per_class(self):
+        if self.parts > 1 and self.per == "batch":
+            raise ValueError("gradmatch runs in parts per class only (per: class); per: batch mixes the classes")
+        return self
 
 
 class DifficultySpec(SelectSpec):

@@ -68,5 +68,5 @@ def sampled_centroids(x, k: int, knn: dict | None, *, iters: int = 20, seed: int
                                      knn.get("exact_max_n", EXACT_MAX_N)) != "faiss":
         return None
     cent, _ = knn_kmeans(x, k, backend="faiss", iters=iters, seed=seed,
-                         max_points_per_centroid=knn.get("max_points_per_centroid", 128), with_assignment=False)
+                         max_points_per_centroid=knn.get("max_points_per_centroid", 256), with_assignment=False)
     return cent

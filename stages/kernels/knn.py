@@ -466,7 +466,7 @@ def _drop_self(nbr: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------- k-means
 def kmeans(x, k: int, *, backend: str = "auto", iters: int = 20, seed: int = 0, device="cpu",
-           exact_max_n: int = EXACT_MAX_N, max_points_per_centroid: int = 128,
+           exact_max_n: int = EXACT_MAX_N, max_points_per_centroid: int = 256,
            with_assignment: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(centroids [k, D] float32, assignment [N] int64): Euclidean k-means (normalise rows
     first for spherical clusters). Fitted on a seeded sample of at most

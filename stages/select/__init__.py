@@ -25,7 +25,8 @@ Methods (kernels in pipeline.sampling and stages.kernels.coresets):
 Neighbour searches and k-means (craig's sparse graph, SemDeDup's and the pseudo-classes' k-means)
 follow the run's `knn:` section (pipeline.config.knn), passed to the kernels as a plain dict.
 
-Work that splits: craig, clipcov and sas choose per group (class or k-means pseudo-class). With
+Work that splits: craig, gradmatch (per: class), clipcov and sas choose per group (class or k-means
+pseudo-class). With
 `parts: P` such a selection runs as P `select_part/<sel>@<p>` units, each on a contiguous range of
 group ids (the flow spreads them over workers), and `select/<sel>` joins their picks: the same
 rows, weights and ranks as one unit, since groups are independent and seeded per group.
@@ -50,7 +51,7 @@ from pipeline.methods import providers
 from pipeline.sampling import budget_count
 from pipeline.stage import Resources, Stage, StageContext
 
-from .methods import METHODS, SPLITTABLE, uses_knn
+from .methods import COUNTS, METHODS, SPLITTABLE, uses_knn
 from .pool import Pool
 
 log = logging.getLogger("curate.select")
@@ -108,11 +109,13 @@ def parts_of(spec) -> list[str]:
 
 def _merge_info(infos: list[dict]) -> dict:
     """Per-part metrics as one unit's: per-group dicts joined in group order, lists concatenated in
-    part order, settings taken from the first part."""
+    part order, counts (COUNTS) added up, settings taken from the first part."""
     out: dict = {}
     for info in infos:
         for key, val in info.items():
-            if isinstance(val, dict):
+            if key in COUNTS:
+                out[key] = out.get(key, 0) + val
+            elif isinstance(val, dict):
                 out.setdefault(key, {}).update(val)
             elif isinstance(val, list):
                 out.setdefault(key, []).extend(val)
@@ -176,8 +179,10 @@ class SelectStage(Stage):
         else:
             pos, weights, info = METHODS[spec.method](pool, spec, k, ctx.cfg.seed, ctx.device)
             chosen_rows = pool.rows[np.asarray(pos, np.int64)]
-        if spec.method == "clipcov":
+        if spec.method == "clipcov":  # whole-pool figures: computed here, so parts need not
             info["cross_cov_error"] = pool.cross_cov_error(chosen_rows, weights)
+        if spec.method == "gradmatch":
+            info["matching_error"] = pool.matching_error(spec.features, chosen_rows, weights, ctx.device)
         budget = spec.budget if spec.budget is not None else len(chosen_rows) / index.num_rows
         table = selection_table(index, chosen_rows, weights, spec.method, budget)
         for name, (typ, values, valid) in info.pop("columns", {}).items():  # per candidate (dedup's twins)
@@ -195,8 +200,8 @@ class SelectStage(Stage):
 
 
 class SelectPartStage(Stage):
-    """One part of a per-group selection (craig, clipcov, sas with `parts: P`): the groups (classes,
-    or k-means pseudo-classes of the whole pool) with a budget, in id order (clipcov: its buckets of
+    """One part of a per-group selection (craig, gradmatch per class, clipcov, sas with `parts: P`):
+    the groups (classes, or k-means pseudo-classes of the whole pool) with a budget, in id order (clipcov: its buckets of
     groups, work_units), are dealt out in P contiguous runs, and this unit runs the method on its
     groups' rows only, with the budgets the whole pool gives them. `select/<sel>` joins the parts in
     group order; the result is the one a single unit computes (the methods treat groups

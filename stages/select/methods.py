@@ -3,7 +3,7 @@
 None, metrics); k is None for dedup and clean, which have no budget. Kernels live in
 pipeline.sampling and stages.kernels.coresets; this module only wires a Pool's arrays to them.
 
-Per-group methods (craig, clipcov, sas: SPLITTABLE) read their groups and budgets from
+Per-group methods (craig, gradmatch per class, clipcov, sas: SPLITTABLE) read their groups and budgets from
 `pool.groups(spec, k)`, so that a part of a split selection runs the same code on its groups.
 """
 
@@ -20,7 +20,8 @@ from pipeline.manifest import read_parquet
 from pipeline.sampling import random_subset, stratified_subset
 
 log = logging.getLogger("curate.select")
-SPLITTABLE = ("craig", "clipcov", "sas")  # per-group methods that run in parts (select_part units)
+SPLITTABLE = ("craig", "gradmatch", "clipcov", "sas")  # per-group methods that run in parts (select_part units)
+COUNTS = ("omp_selected", "topped_up")  # per-part metrics that add up when parts are joined
 
 
 def _random(pool, spec, k, seed, device):
@@ -45,18 +46,15 @@ def _craig(pool, spec, k, seed, device):
 
 
 def _gradmatch(pool, spec, k, seed, device):
-    from stages.kernels.coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class, matching_error
+    from stages.kernels.coresets.gradmatch import gradmatch_per_batch, gradmatch_per_class
 
     feats = pool.features(spec.features, device)  # per class, gradients are built one class at a time
     if spec.per == "batch":
         grads = feats.dense().cpu().numpy()
-        pos, w, info = gradmatch_per_batch(grads, k, batch_size=spec.batch_size, lam=spec.lam, tol=spec.tol,
-                                           seed=seed, device=device)
-    else:
-        groups, alloc = pool.class_alloc(k)
-        pos, w, info = gradmatch_per_class(feats, groups, alloc, lam=spec.lam, tol=spec.tol, seed=seed, device=device)
-    info["matching_error"] = matching_error(feats, pos, w)
-    return pos, w, info
+        return gradmatch_per_batch(grads, k, batch_size=spec.batch_size, lam=spec.lam, tol=spec.tol,
+                                   seed=seed, device=device)
+    groups, alloc = pool.groups(spec, k)
+    return gradmatch_per_class(feats, groups, alloc, lam=spec.lam, tol=spec.tol, seed=seed, device=device)
 
 
 def _difficulty(pool, spec, k, seed, device):

@@ -138,6 +138,12 @@ class Pool:
         img, txt = self.stream("embeddings.npy"), self.stream("text_embeddings.npy")
         return unrelated_score((a, b) for (_, a), (_, b) in zip(img.blocks(), txt.blocks()))
 
+    def matching_error(self, kind: str, chosen_rows: np.ndarray, weights, device) -> float:
+        """gradmatch's weighted mean-gradient error of the chosen index rows against this pool."""
+        from stages.kernels.coresets.gradmatch import matching_error
+
+        return matching_error(self.features(kind, device), np.searchsorted(self.rows, chosen_rows), weights)
+
     def cross_cov_error(self, chosen_rows: np.ndarray, weights) -> float:
         """||C_S - C_V|| / ||C_V|| of the chosen index rows against the whole pool (streamed)."""
         from stages.kernels.coresets.clipcov import cross_cov_error

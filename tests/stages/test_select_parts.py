@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from pipeline.errors import CurateError
 from pipeline.ingest import FMNIST_CLASSES, pair_captions
 from pipeline.runner import Runner
 from stages.kernels.coresets import clipcov as clipcov_kernel
@@ -61,7 +62,8 @@ SPECS = [{"method": "craig", "features": "embeddings", "budget": 0.1},
          {"method": "craig", "features": "embeddings", "budget": 0.2, "graph": "sparse", "knn": 8, "name": "craig-sparse"},
          {"method": "clipcov", "budget": 0.2},
          {"method": "clipcov", "budget": 0.3, "groups": "labels", "name": "clipcov-labels"},
-         {"method": "sas", "budget": 0.1, "clusters": 7}]
+         {"method": "sas", "budget": 0.1, "clusters": 7},
+         {"method": "gradmatch", "features": "embeddings", "budget": 0.1}]
 
 
 def run_select(catalog, emb: Path, run_dir: Path, parts: int) -> Runner:
@@ -124,7 +126,7 @@ def test_parts_join_to_the_single_units_selection_byte_for_byte(pairs_catalog, e
             picks = pq.read_table(split.run_dir / u / "picks.parquet").to_pydict()
             assert rec["selected"] == len(picks["row"]) and set(picks["group"]) <= set(rec["groups"])
             assert (len(picks["row"]) > 0) == (len(rec["groups"]) > 0)  # more parts than work: some stay empty
-            if "labels" in name or name.startswith("craig"):  # groups are the classes
+            if "labels" in name or name.startswith(("craig", "gradmatch")):  # groups are the classes
                 assert set(label[picks["row"]].tolist()) <= set(rec["groups"])
             owned.append(rec["groups"])
         flat = [c for groups in owned for c in groups]
@@ -159,3 +161,8 @@ def test_more_parts_than_groups_leaves_the_extra_parts_empty(pairs_catalog, embe
     assert groups == [[c] for c in range(10)] + [[], []]
     assert table_bytes(tmp_path / "run" / "select" / "craig-0.1" / "selection.parquet") == \
         table_bytes(single.run_dir / "select" / "craig-0.1" / "selection.parquet")
+
+
+def test_gradmatch_splits_per_class_only(tmp_path):
+    with pytest.raises(CurateError, match="per: class"):
+        load_config(config(tmp_path, select=[{"method": "gradmatch", "budget": 0.1, "per": "batch", "parts": 2}]))

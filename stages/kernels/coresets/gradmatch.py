@@ -309,7 +309,8 @@ def gradmatch_per_class(grads, labels: np.ndarray, alloc: np.ndarray, *, lam: fl
 
     When OMP stops short (tolerance reached, NNLS dropped atoms, or MAX_SUPPORT atoms held),
     the class is topped up with random unpicked rows of weight 1.0, drawn with
-    np.random.default_rng(seed), so every class returns exactly alloc[c] rows. The class's
+    np.random.default_rng(seed + c), so every class returns exactly alloc[c] rows (and a class's
+    picks do not depend on the other classes: select_part units run classes apart). The class's
     weights are then scaled to sum exactly to n_c, as CRAIG's do: random top-ups are
     unbiased, so this keeps the class's mean gradient and its share of the total. Order:
     class by class (ascending id), within a class OMP pick order, then the top-ups.
@@ -334,7 +335,6 @@ def gradmatch_per_class(grads, labels: np.ndarray, alloc: np.ndarray, *, lam: fl
         if not 0 <= want <= have:
             raise CurateError(f"gradmatch: alloc for class {c} is {want} but the class has only {have} samples"
                               if want > have else f"gradmatch: alloc for class {c} must be >= 0, got {want}")
-    rng = np.random.default_rng(seed)
     out_rows, out_w = [], []
     info = {"omp_selected": 0, "topped_up": 0, "omp_per_class": {}, "residual_per_class": {}}
     for c, want in enumerate(alloc.tolist()):
@@ -344,7 +344,8 @@ def gradmatch_per_class(grads, labels: np.ndarray, alloc: np.ndarray, *, lam: fl
         atoms, target = _augment(_class_rows(grads, members), len(members))
         idx, w, res = omp_nonneg(atoms, target, want, lam=lam, tol=tol, device=device)
         rest = np.setdiff1d(np.arange(len(members)), idx)
-        extra = rng.choice(rest, want - len(idx), replace=False) if want > len(idx) else np.zeros(0, np.int64)
+        extra = np.random.default_rng(seed + c).choice(rest, want - len(idx), replace=False) \
+            if want > len(idx) else np.zeros(0, np.int64)  # seeded per class: a class's rows do not depend on the others
         cw = np.concatenate([w, np.ones(len(extra), np.float32)]).astype(np.float64)
         out_rows += [members[idx], members[extra]]
         out_w.append((cw * (len(members) / cw.sum())).astype(np.float32))
