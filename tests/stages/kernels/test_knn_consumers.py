@@ -15,22 +15,14 @@ from stages.kernels.coresets.features import plain
 from stages.kernels.scores.knn_shapley import knn_shapley
 from stages.kernels.scores.prototype import prototype_distance
 
+from tests.helpers import load_bench
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAISS = {"backend": "faiss"}
 EXACT = {"backend": "exact"}
-
-
-def manifold_clusters(n=20_000, d=64, clusters=40, latent=8, noise=0.05, seed=0):
-    """Gaussian clusters, each spread along its own 8-d subspace of R^64 (so that neighbours are
-    meaningful, unlike isotropic noise in 64-d), with small isotropic noise."""
-    rng = np.random.default_rng(seed)
-    centres = 3 * rng.normal(size=(clusters, d))
-    bases = rng.normal(size=(clusters, latent, d)) / np.sqrt(latent)
-    labels = rng.integers(clusters, size=n)
-    z = rng.normal(size=(n, latent))
-    x = centres[labels] + np.einsum("nl,nld->nd", z, bases[labels]) + noise * rng.normal(size=(n, d))
-    return x.astype(np.float32), labels
+# Gaussian clusters, each along its own low-dimensional subspace: neighbours mean something
+manifold_clusters = load_bench("knn_quality").manifold_clusters
 
 
 def spy(monkeypatch, name):
