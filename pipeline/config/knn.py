@@ -27,10 +27,10 @@ class KnnConfig(Section):
     backend: Literal["auto", "exact", "faiss"] = "auto"
     exact_max_n: int = Field(50_000, ge=1)  # auto: exact up to this many rows (and always on a GPU)
     k: int = Field(32, ge=1)  # neighbours per row in a k-NN graph where the method sets none; knn_shapley's depth (faiss)
-    index: Literal["ivf", "hnsw"] = "ivf"  # faiss graph index: IVF-Flat or HNSW-Flat
+    index: Literal["ivf", "hnsw"] = "ivf"  # ivf: lists from faiss k-means, searched in dense blocks; or faiss HNSW-Flat
     nlist: int | None = Field(None, ge=1)  # ivf lists; None: round(4 sqrt(N))
     nprobe: int = Field(32, ge=1)  # ivf: at most this many lists compared with each group of queries
-    max_codes: int | None = Field(None, ge=1)  # ivf: and no more once this many candidate rows; None: the mean
+    max_codes: int | None = Field(None, ge=1)  # ivf: nor past this many candidate rows; None: nprobe x mean list
     train_per_list: int = Field(32, ge=1)  # ivf: trained on a seeded sample of this many rows per list
     hnsw_m: int = Field(32, ge=2)  # hnsw links per node
     ef_search: int = Field(128, ge=1)  # hnsw candidates kept while searching (raised to k + 1 if lower)

@@ -201,11 +201,12 @@ class SelectStage(Stage):
 
 class SelectPartStage(Stage):
     """One part of a per-group selection (craig, gradmatch per class, clipcov, sas with `parts: P`):
-    the groups (classes, or k-means pseudo-classes of the whole pool) with a budget, in id order (clipcov: its buckets of
-    groups, work_units), are dealt out in P contiguous runs, and this unit runs the method on its
-    groups' rows only, with the budgets the whole pool gives them. `select/<sel>` joins the parts in
-    group order; the result is the one a single unit computes (the methods treat groups
-    independently, seeded per group), byte for byte. A part left without groups picks nothing.
+    the groups (classes, or k-means pseudo-classes of the whole pool) with a budget, in id order
+    (clipcov: its buckets of groups, work_units), are dealt out in P contiguous runs, and this unit
+    runs the method on its groups' rows only, with the budgets the whole pool gives them.
+    `select/<sel>` joins the parts in group order; the result is the one a single unit computes (the
+    methods treat groups independently, seeded per group), byte for byte. A part left without
+    groups picks nothing.
 
     Memory: the part's rows ([rows, D] per array), plus the labels and group ids of the whole pool;
     k-means groups stream the whole pool's embeddings.
