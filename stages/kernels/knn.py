@@ -398,13 +398,11 @@ def _ivf_search(base: np.ndarray, queries: np.ndarray | None, k: int, metric: st
                 break
             take.append(p)
             total += int(sizes[p])
-        if total < (k + 1 if graph else k):  # too few rows near this group: compare it with every row
-            cand = np.arange(n)
-        else:
-            cand = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in take])
+        whole = total < (k + 1 if graph else k)  # too few rows near this group: compare it with every row
+        cand = np.arange(n) if whole else np.concatenate([np.arange(starts[p], starts[p + 1]) for p in take])
         ct = torch.from_numpy(cand)
-        xc = xs[ct]
-        csq = sq[ct] if sq is not None else None
+        xc = xs if whole else xs[ct]  # (every row: no gathered copy)
+        csq = sq if whole or sq is None else sq[ct]
         qx = xs[qa:qb] if graph else torch.from_numpy(_take(queries, q_order[qa:qb], metric))
         step = max(1, BLOCK_ENTRIES // len(cand))
         for a in range(0, qb - qa, step):
