@@ -26,10 +26,11 @@ Neighbour searches and k-means (craig's sparse graph, SemDeDup's and the pseudo-
 follow the run's `knn:` section (pipeline.config.knn), passed to the kernels as a plain dict.
 
 Work that splits: craig, gradmatch (per: class), clipcov and sas choose per group (class or k-means
-pseudo-class). With
-`parts: P` such a selection runs as P `select_part/<sel>@<p>` units, each on a contiguous range of
-group ids (the flow spreads them over workers), and `select/<sel>` joins their picks: the same
-rows, weights and ranks as one unit, since groups are independent and seeded per group.
+pseudo-class). With `parts: P` such a selection runs as P `select_part/<sel>@<p>` units, each on a
+contiguous range of group ids (the flow spreads them over workers), and `select/<sel>` joins their
+picks: the same rows, weights and ranks as one unit, since groups are independent and seeded per
+group. Whole-pool figures (clipcov's cross-covariance error, gradmatch's matching error) are
+computed at the join, which reads the pool's embeddings for them.
 
 Memory: a unit holds the index table (Arrow columns), per-row arrays of the pool, and the
 embeddings of the rows it works on ([n, D], the whole pool's for an unsplit selection); see
