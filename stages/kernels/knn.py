@@ -331,6 +331,7 @@ def _ivf_lists(x: np.ndarray, metric: str, nlist, train_per_list: int, seed: int
 
 
 def _assign_rows(x: np.ndarray, cent: np.ndarray, metric: str) -> np.ndarray:
+    """The nearest centroid (Euclidean, ties to the lower id) of each row of x, read in chunks."""
     c = torch.from_numpy(cent)
     half_sq = 0.5 * (c * c).sum(1)
     out = np.empty(len(x), np.int64)
