@@ -157,12 +157,11 @@ def knn_graph(x, k: int, *, backend: str = "auto", metric: str = "cosine", devic
         idx = _ivf_search(x, None, k, metric, nlist=nlist, nprobe=nprobe, max_codes=max_codes,
                           train_per_list=train_per_list, seed=seed)
     elif index == "hnsw":
-        ix = _faiss_index(x, k, metric, index=index, hnsw_m=hnsw_m, ef_search=ef_search,
-                          ef_construction=ef_construction)
+        ix = _hnsw_index(x, k, metric, hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction)
         idx = np.empty((n, k), np.int64)
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
-            idx[s:e] = _drop_self(_faiss_search(ix, _chunk(x, s, e, metric), k + 1, index, s), np.arange(s, e))
+            idx[s:e] = _drop_self(_hnsw_search(ix, _chunk(x, s, e, metric), k + 1, s), np.arange(s, e))
     else:
         raise CurateError(f"knn: index must be ivf or hnsw, got {index!r}")
     return _rescored(x, idx, metric)
@@ -202,11 +201,10 @@ def knn_search(base, queries, k: int, *, backend: str = "auto", metric: str = "c
         idx[:] = _ivf_search(base, queries, k, metric, nlist=nlist, nprobe=nprobe, max_codes=max_codes,
                              train_per_list=train_per_list, seed=seed)
     elif index == "hnsw":
-        ix = _faiss_index(base, k - 1, metric, index=index, hnsw_m=hnsw_m, ef_search=ef_search,
-                          ef_construction=ef_construction)
+        ix = _hnsw_index(base, k - 1, metric, hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction)
         for s in range(0, nq, CHUNK):
             e = min(nq, s + CHUNK)
-            idx[s:e] = _faiss_search(ix, _chunk(queries, s, e, metric), k, index, s)
+            idx[s:e] = _hnsw_search(ix, _chunk(queries, s, e, metric), k, s)
     else:
         raise CurateError(f"knn: index must be ivf or hnsw, got {index!r}")
     return _rescored_queries(base, queries, idx, metric)
@@ -285,22 +283,19 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(round(4 * math.sqrt(n))), n // 8))
 
 
-def _faiss_search(ix, q: np.ndarray, k: int, index: str, first_row: int) -> np.ndarray:
+def _hnsw_search(ix, q: np.ndarray, k: int, first_row: int) -> np.ndarray:
     """Neighbour ids [len(q), k] from a faiss HNSW index."""
     _, nbr = ix.search(q, k)
     if (nbr < 0).any():
         r = first_row + int(np.flatnonzero((nbr < 0).any(1))[0])
-        raise CurateError(f"knn: faiss {index} found fewer than {k} neighbours for row {r}; raise ef_search")
+        raise CurateError(f"knn: faiss hnsw found fewer than {k} neighbours for row {r}; raise ef_search")
     return nbr
 
 
-def _faiss_index(x: np.ndarray, k: int, metric: str, *, index: str, hnsw_m: int, ef_search: int,
-                 ef_construction: int):
+def _hnsw_index(x: np.ndarray, k: int, metric: str, *, hnsw_m: int, ef_search: int, ef_construction: int):
     """A faiss HNSW-Flat index of the rows of x (added chunk by chunk, on one thread), ready to search k + 1."""
     import faiss
 
-    if index != "hnsw":
-        raise CurateError(f"knn: a faiss index is hnsw here, got {index!r}")
     n, d = x.shape
     fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     ix = faiss.IndexHNSWFlat(d, int(hnsw_m), fmetric)
@@ -327,19 +322,7 @@ def _ivf_lists(x: np.ndarray, metric: str, nlist, train_per_list: int, seed: int
                       max_points_per_centroid=len(rows) // lists + 1, min_points_per_centroid=1)
     km.train(_take(x, rows, metric))
     cent = np.asarray(km.centroids, np.float32)
-    return cent, _assign_rows(x, cent, metric)
-
-
-def _assign_rows(x: np.ndarray, cent: np.ndarray, metric: str) -> np.ndarray:
-    """The nearest centroid (Euclidean, ties to the lower id) of each row of x, read in chunks."""
-    c = torch.from_numpy(cent)
-    half_sq = 0.5 * (c * c).sum(1)
-    out = np.empty(len(x), np.int64)
-    step = max(1, min(CHUNK, BLOCK_ENTRIES // max(len(c), 1)))
-    for s in range(0, len(x), step):
-        xb = torch.from_numpy(_chunk(x, s, min(len(x), s + step), metric))
-        out[s:s + step] = (xb @ c.T - half_sq).argmax(1).numpy()
-    return out
+    return cent, assign(x, cent, metric=metric)
 
 
 def _probe_order(cent: np.ndarray, width: int) -> np.ndarray:
@@ -386,7 +369,7 @@ def _ivf_search(base: np.ndarray, queries: np.ndarray | None, k: int, metric: st
     if graph:
         q_order, q_starts, nq = order, starts, n
     else:
-        q_lst = _assign_rows(queries, cent, metric)
+        q_lst = assign(queries, cent, metric=metric)
         q_order = np.argsort(q_lst, kind="stable")  # within a group, rows ascending
         q_starts = np.searchsorted(q_lst[q_order], np.arange(lists + 1))
         nq = len(queries)
@@ -550,8 +533,9 @@ def lloyd(x: torch.Tensor, cent: torch.Tensor, iters: int) -> torch.Tensor:
     return cent
 
 
-def assign(x, centroids, *, device="cpu") -> np.ndarray:
-    """Nearest centroid (Euclidean; ties to the lower id) of every row, int64 [N], in blocks."""
+def assign(x, centroids, *, device="cpu", metric: str = "ip") -> np.ndarray:
+    """Nearest centroid (Euclidean; ties to the lower id) of every row, int64 [N], in blocks;
+    metric "cosine" unit-normalises each row first (as the IVF lists' training rows were)."""
     x = _matrix(x)
     dev = torch.device(device)
     c = torch.as_tensor(np.asarray(centroids, np.float32), device=dev)
@@ -559,6 +543,6 @@ def assign(x, centroids, *, device="cpu") -> np.ndarray:
     out = np.empty(len(x), np.int64)
     step = max(1, min(CHUNK, BLOCK_ENTRIES // max(len(c), 1)))
     for s in range(0, len(x), step):
-        xb = torch.from_numpy(_chunk(x, s, min(len(x), s + step), "ip")).to(dev)
+        xb = torch.from_numpy(_chunk(x, s, min(len(x), s + step), metric)).to(dev)
         out[s:s + step] = (xb @ c.T - half_sq).argmax(1).cpu().numpy()
     return out
